@@ -1,0 +1,1 @@
+"""Runtime for the SHARP inference service: network, checkpoints, pre- and post-processing."""
