@@ -1,0 +1,126 @@
+"""`sharp-runpod` command line: predict splats for images and folders of images."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .checkpoint import DEFAULT_CHECKPOINT_URL, TINY_UNTRAINED, CheckpointError
+from .images import ImageDecodeError
+from .pipeline import SharpPredictor
+from .ply import save_ply
+
+logger = logging.getLogger("sharp-runpod")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sharp-runpod", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser("predict", help="write one .ply per input image")
+    predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
+    predict.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    predict.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"local .pt file, http(s) URL, hf://owner/repo[/file], or '{TINY_UNTRAINED}' "
+        f"(default: Apple's published checkpoint, {DEFAULT_CHECKPOINT_URL})",
+    )
+    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    predict.add_argument(
+        "--focal-px", type=float, default=None, help="focal length in pixels (default: from EXIF)"
+    )
+    predict.add_argument("--ply-layout", default="standard", choices=["standard", "sharp"])
+    predict.set_defaults(run=run_predict)
+    return parser
+
+
+def collect_images(inputs: Iterable[Path]) -> list[tuple[Path, Path]]:
+    """(file, output path relative to the output folder) for files and folder contents.
+
+    Folders are walked recursively; their structure is kept in the output. Whether a file
+    is an image is decided by decoding it, not by its suffix.
+    """
+    pairs: list[tuple[Path, Path]] = []
+    for item in inputs:
+        if item.is_dir():
+            for path in sorted(p for p in item.rglob("*") if p.is_file()):
+                relative = path.relative_to(item)
+                if not any(part.startswith(".") for part in relative.parts):
+                    pairs.append((path, relative.with_suffix(".ply")))
+        else:
+            pairs.append((item, Path(item.name).with_suffix(".ply")))
+    # Two inputs with one stem (photo.jpg, photo.png) must not overwrite each other.
+    seen: set[Path] = set()
+    unique = []
+    for path, out in pairs:
+        if out in seen:
+            out = out.with_name(path.name + ".ply")
+        seen.add(out)
+        unique.append((path, out))
+    return unique
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    images = collect_images(args.inputs)
+    missing = [str(path) for path, _ in images if not path.exists()]
+    if missing:
+        logger.error("no such file: %s", ", ".join(missing))
+        return 2
+    if not images:
+        logger.error("no input files found in %s", ", ".join(map(str, args.inputs)))
+        return 2
+    if args.focal_px is not None and not (args.focal_px > 0):
+        logger.error("--focal-px must be a positive number of pixels")
+        return 2
+    try:
+        predictor = SharpPredictor.from_checkpoint(args.checkpoint, device=args.device)
+    except (CheckpointError, RuntimeError) as error:
+        logger.error("%s", error)
+        return 2
+    label = " [UNTRAINED tiny model: not a real reconstruction]" if predictor.checkpoint.untrained else ""
+    failures = 0
+    progress = tqdm(images, unit="image", disable=len(images) < 2)
+    for path, relative in progress:
+        start = time.perf_counter()
+        try:
+            prediction = predictor.predict(path.read_bytes(), focal_length_px=args.focal_px)
+            target = args.output / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_ply(
+                target,
+                prediction.gaussians,
+                image_width=prediction.image_width,
+                image_height=prediction.image_height,
+                focal_length_px=prediction.focal_length_px,
+                layout=args.ply_layout,
+            )
+        except (ImageDecodeError, OSError) as error:
+            failures += 1
+            tqdm.write(f"{path}: FAILED: {error}", file=sys.stderr)
+            continue
+        tqdm.write(
+            f"{path}: {len(prediction.gaussians):,} Gaussians, "
+            f"{prediction.image_width}x{prediction.image_height}, "
+            f"focal {prediction.focal_length_px:.1f} px ({prediction.focal_length_source}), "
+            f"{time.perf_counter() - start:.2f} s -> {target}{label}"
+        )
+    if failures:
+        logger.error("%d of %d images failed", failures, len(images))
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
