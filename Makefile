@@ -1,0 +1,31 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test serve bench clean
+
+# One install for demo, tests and CI: the project and its test extras, with torch pinned
+# to the release CI has on disk (a CPU build there; pip picks a CUDA build elsewhere).
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+# Offline demo on the built-in, clearly labelled UNTRAINED tiny model.
+demo: $(VENV)/.installed
+	$(BIN)/sharp-runpod predict samples/coffee.jpg -o out --checkpoint tiny-untrained --device cpu
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+# The RunPod SDK's local API server with the tiny model on the CPU.
+serve: $(VENV)/.installed
+	SHARP_CHECKPOINT=tiny-untrained SHARP_DEVICE=cpu $(BIN)/python -m handler --rp_serve_api --rp_api_port 8000
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m pytest benchmarks --benchmark-enable
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .benchmarks
