@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import http.client
 import logging
 import os
 import urllib.error
@@ -109,7 +110,7 @@ def download(url: str, target: Path) -> None:
                     while chunk := response.read(_DOWNLOAD_CHUNK):
                         out.write(chunk)
                         progress.update(len(chunk))
-        except (urllib.error.URLError, OSError) as error:
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
             raise CheckpointError(
                 f"downloading {url} failed: {error}; run again to resume "
                 f"({partial} keeps what arrived)"
