@@ -341,5 +341,10 @@ def _zstd() -> ModuleType:
     try:
         from compression import zstd
     except ImportError:
-        from backports import zstd
+        try:
+            from backports import zstd
+        except ImportError:
+            raise ImportError(
+                ".spz version 4 needs zstd: Python 3.14+ or `pip install backports.zstd`"
+            ) from None
     return zstd
