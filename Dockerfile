@@ -1,0 +1,58 @@
+# SHARP (one photo in, a 3D Gaussian splat .ply out) as a RunPod serverless worker.
+#
+#   docker build -t sharp-runpod .                            weights fetched at first start
+#   docker build --build-arg BAKE_WEIGHTS=1 -t sharp-runpod .   weights in the image: private
+#                                                               images only, see the README
+#
+# torch-tensorrt must match the base's torch exactly: both 2.13, both built for CUDA 13.
+FROM pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
+
+ARG TORCH_TENSORRT_VERSION=2.13.0
+ARG BAKE_WEIGHTS=
+ARG CHECKPOINT_URL=https://ml-site.cdn-apple.com/models/sharp/sharp_2572gikvuh.pt
+ARG LICENSE_MODEL_URL=https://raw.githubusercontent.com/apple/ml-sharp/main/LICENSE_MODEL
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONSTRAINT=/etc/pip-constraints.txt
+
+WORKDIR /app
+
+# The constraint pins the base's own torch build, so that no install swaps it for another.
+# torch-tensorrt comes from PyPI with its TensorRT runtime (tensorrt-cu13): no NVIDIA index.
+RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /etc/pip-constraints.txt \
+    && pip install "torch-tensorrt==${TORCH_TENSORRT_VERSION}"
+
+# Before the sources, so that a code change does not download 2.8 GB again. Apple's model
+# licence allows redistribution only with its text and an attribution notice, so baked
+# weights ship with both. BAKE_WEIGHTS unset: the worker downloads the weights at first
+# start into its cache (on the network volume when one is mounted).
+RUN case "${BAKE_WEIGHTS}" in \
+      "") echo "Weights not baked in; the worker downloads them at first start." ;; \
+      1) mkdir -p /opt/sharp/weights \
+         && python -c "import sys, urllib.request as r; r.urlretrieve(sys.argv[1], sys.argv[2])" \
+              "${CHECKPOINT_URL}" /opt/sharp/weights/sharp_2572gikvuh.pt \
+         && python -c "import sys, urllib.request as r; r.urlretrieve(sys.argv[1], sys.argv[2])" \
+              "${LICENSE_MODEL_URL}" /opt/sharp/weights/LICENSE_MODEL \
+         && grep -q "Apple Machine Learning Research Model" /opt/sharp/weights/LICENSE_MODEL \
+         && echo "Apple Machine Learning Research Model is licensed under the Apple Machine Learning Research Model License Agreement." \
+              > /opt/sharp/weights/NOTICE ;; \
+      *) echo "BAKE_WEIGHTS must be 1 or unset, got '${BAKE_WEIGHTS}'" >&2; exit 1 ;; \
+    esac
+
+# Empty (the worker's default: Apple's URL, cached) unless the weights were baked in.
+ENV SHARP_CHECKPOINT=${BAKE_WEIGHTS:+/opt/sharp/weights/sharp_2572gikvuh.pt}
+
+COPY . .
+
+# The project pins no versions of its own here: pyproject.toml is the one place for them.
+# build_engine.py prepares the compiled backend and needs no GPU.
+# hadolint ignore=DL3013
+RUN pip install ".[worker]" \
+    && python export/build_engine.py
+
+# No USER: RunPod mounts network volumes owned by root, and the weights cache lives there.
+CMD ["python", "-u", "-m", "handler"]

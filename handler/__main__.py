@@ -1,0 +1,51 @@
+"""`python -m handler`: load the model once, then hand the job handler to the RunPod SDK.
+
+The SDK reads its own arguments from the command line: `--rp_serve_api --rp_api_port 8000`
+starts its local API server (/run, /runsync, /status), `--test_input '{...}'` runs one job;
+with neither, outside RunPod, it runs the job in ./test_input.json. `SHARP_LOCAL_API=1`
+adds `--rp_serve_api --rp_api_host 0.0.0.0 --rp_api_port 8000`, for `docker run -p 8000:8000`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import runpod
+
+from engine.checkpoint import CheckpointError
+
+from .model import DeviceError, load_predictor
+from .settings import SettingsError, WorkerSettings
+from .storage import ResultBucket
+from .worker import SharpWorker
+
+logger = logging.getLogger("handler")
+
+LOCAL_API_ARGS = ("--rp_serve_api", "--rp_api_host", "0.0.0.0", "--rp_api_port", "8000")
+
+
+def build_worker(settings: WorkerSettings) -> SharpWorker:
+    logger.info("Settings: %s", settings)
+    bucket = ResultBucket(settings.bucket) if settings.bucket is not None else None
+    return SharpWorker(settings, load_predictor(settings), bucket)
+
+
+def main() -> None:
+    # The SDK configures the root logger on import; ours replaces it for the worker's lines.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    try:
+        settings = WorkerSettings.from_env()
+        worker = build_worker(settings)
+    except (SettingsError, DeviceError, CheckpointError) as error:
+        logger.error("The worker cannot start: %s", error)
+        sys.exit(1)
+    if settings.local_api and "--rp_serve_api" not in sys.argv:
+        sys.argv.extend(LOCAL_API_ARGS)
+    runpod.serverless.start({"handler": worker})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Getting the model onto a working device once per worker, before the first job."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.checkpoint import HF_DEFAULT_FILENAME
+from engine.pipeline import SharpPredictor
+
+from .settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+# Error text of CUDA failures that leave the device or its context unusable.
+_DEVICE_FAULT_MARKERS = (
+    "CUDA error",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "cuDNN error",
+    "device-side assert",
+    "illegal memory access",
+)
+
+
+class DeviceError(RuntimeError):
+    """The GPU the worker should use does not work."""
+
+
+def select_device(requested: str) -> torch.device:
+    """The device to run on, after a pre-flight check of the GPU when one is to be used.
+
+    `auto` uses the GPU when one is present; a present GPU that fails the check is an error,
+    not a silent fall back to a CPU that would take minutes per image.
+    """
+    if requested == "cpu" or (requested == "auto" and not _gpu_present()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"CUDA is not usable (SHARP_DEVICE={requested}): torch {torch.__version__} built for "
+            f"CUDA {torch.version.cuda} sees no working GPU. Check that the container runs with "
+            "a GPU (docker run --gpus all) and that the host driver supports this CUDA version "
+            "(RunPod: allowedCudaVersions), or set SHARP_DEVICE=cpu."
+        )
+    device = torch.device("cuda")
+    if not gpu_healthy(device):
+        raise DeviceError(
+            f"the GPU {torch.cuda.get_device_name(device)} failed a pre-flight computation; "
+            "this worker cannot run jobs on it"
+        )
+    return device
+
+
+def _gpu_present() -> bool:
+    # A GPU passed into the container shows as /dev/nvidia0..N even when CUDA then fails.
+    return torch.cuda.is_available() or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def gpu_healthy(device: torch.device) -> bool:
+    """A tiny computation on the device, synchronised so that errors surface here."""
+    try:
+        values = torch.arange(1024, dtype=torch.float32, device=device)
+        ok = float(values.sum().item()) == 1023 * 1024 / 2
+        torch.cuda.synchronize(device)
+        return ok
+    except Exception as error:  # any CUDA failure means the same: not healthy
+        logger.error("GPU health check failed: %s", error)
+        return False
+
+
+def is_device_fault(error: BaseException, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _DEVICE_FAULT_MARKERS)
+
+
+def checkpoint_spec(settings: WorkerSettings) -> str | None:
+    """`hf://owner/repo[/file]` resolves to RunPod's model cache when the file is there."""
+    spec = settings.checkpoint
+    if spec is None or not spec.startswith("hf://"):
+        return spec
+    cached = find_in_hf_cache(spec, settings.hf_cache_dir)
+    if cached is None:
+        logger.info("%s is not in the model cache %s; downloading it", spec, settings.hf_cache_dir)
+        return spec
+    logger.info("Using %s from the model cache: %s", spec, cached)
+    return str(cached)
+
+
+def find_in_hf_cache(spec: str, hub_dir: Path) -> Path | None:
+    """The file in a Hugging Face hub cache (models--owner--repo/snapshots/<rev>/file).
+
+    The snapshot that refs/main names comes first, then the most recently written one.
+    """
+    parts = spec.removeprefix("hf://").strip("/").split("/")
+    if len(parts) < 2:
+        return None  # malformed; the engine explains the expected form
+    filename = "/".join(parts[2:]) or HF_DEFAULT_FILENAME
+    repo_dir = hub_dir / f"models--{parts[0]}--{parts[1]}"
+    snapshots = repo_dir / "snapshots"
+    main_ref = repo_dir / "refs" / "main"
+    if main_ref.is_file():
+        pinned = snapshots / main_ref.read_text().strip() / filename
+        if pinned.is_file():
+            return pinned
+    candidates = [path for path in snapshots.glob(f"*/{filename}") if path.is_file()]
+    return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def load_predictor(settings: WorkerSettings) -> SharpPredictor:
+    """Check the device, load the checkpoint, and run one warm-up prediction."""
+    device = select_device(settings.device)
+    start = time.perf_counter()
+    predictor = SharpPredictor.from_checkpoint(checkpoint_spec(settings), device=device)
+    logger.info(
+        "Loaded %s on %s (%s, %s) in %.1f s%s",
+        predictor.checkpoint.name,
+        device,
+        predictor.backend,
+        predictor.precision,
+        time.perf_counter() - start,
+        " [UNTRAINED: not a real reconstruction]" if predictor.checkpoint.untrained else "",
+    )
+    warm_up(predictor)
+    return predictor
+
+
+def warm_up(predictor: SharpPredictor) -> None:
+    """One prediction before the first job, so that lazy initialisation is not a job's cost."""
+    start = time.perf_counter()
+    predictor.predict(_warm_up_image())
+    if predictor.device.type == "cuda":
+        torch.cuda.empty_cache()
+    logger.info("Warm-up prediction took %.1f s", time.perf_counter() - start)
+
+
+def _warm_up_image() -> bytes:
+    gradient = np.linspace(0, 255, 64 * 48 * 3).astype(np.uint8).reshape(48, 64, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).save(buffer, format="PNG")
+    return buffer.getvalue()

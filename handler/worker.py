@@ -1,0 +1,143 @@
+"""The RunPod job handler: one job input in, one result (or one client-readable error) out.
+
+Every failure a client can cause comes back as `{"error": message}`, which the RunPod SDK
+turns into a FAILED job with that message; the worker itself keeps serving. A CUDA fault
+fails its job the same way, once (no retry), and when the GPU is no longer healthy the
+result also carries `refresh_worker`, which the SDK turns into `stopPod` so that RunPod
+replaces this worker after the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from engine.images import ImageDecodeError, decode_image
+from engine.pipeline import SharpPredictor
+
+from .fetch import FetchError, FetchPolicy
+from .inputs import InputError, JobRequest, image_bytes, parse_request
+from .model import gpu_healthy, is_device_fault
+from .outputs import DeliveryError, check_deliverable, deliver, encode
+from .settings import WorkerSettings
+from .storage import ResultBucket, UploadError
+
+logger = logging.getLogger(__name__)
+
+CLIENT_ERRORS = (InputError, FetchError, ImageDecodeError, DeliveryError, UploadError)
+
+
+class SharpWorker:
+    """Callable job handler around a loaded predictor; `runpod.serverless.start` calls it."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        predictor: SharpPredictor,
+        bucket: ResultBucket | None,
+    ) -> None:
+        self.settings = settings
+        self.predictor = predictor
+        self.bucket = bucket
+        self.fetch_policy = FetchPolicy(
+            max_bytes=settings.max_image_bytes,
+            connect_timeout_s=settings.url_connect_timeout_s,
+            total_timeout_s=settings.url_timeout_s,
+            allow_private=settings.allow_private_urls,
+        )
+
+    def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
+        job_id = str(job.get("id", "local"))
+        try:
+            return self.run(job_id, job.get("input"))
+        except CLIENT_ERRORS as error:
+            logger.info("Job %s rejected: %s", job_id, error)
+            return {"error": str(error)}
+        except Exception as error:
+            if not is_device_fault(error, self.predictor.device):
+                logger.exception("Job %s failed", job_id)
+                return {"error": f"internal error ({type(error).__name__}): {error}"}
+            logger.error("Job %s hit a GPU fault: %s", job_id, error)
+            out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
+            message = _device_fault_message(error, out_of_memory)
+        # Reached after a GPU fault only, once the traceback and the tensors its frames held
+        # are gone, so that emptying the cache can return their memory.
+        return self._recover(message, out_of_memory)
+
+    def run(self, job_id: str, job_input: Any) -> dict[str, Any]:
+        timings: dict[str, float] = {}
+        request = parse_request(job_input)
+        check_deliverable(request.delivery, self.bucket)
+        with _timed(timings, "input"):
+            data = image_bytes(request, self.fetch_policy)
+        with _timed(timings, "decode"):
+            image = decode_image(
+                data, focal_length_px=request.focal_length_px, max_pixels=self.settings.max_pixels
+            )
+        prediction = self.predictor.predict(image)
+        timings.update(inference=prediction.timings_ms["inference"])
+        timings.update(postprocess=prediction.timings_ms["postprocess"])
+        with _timed(timings, "encode"):
+            output = encode(prediction, request.output_format, request.ply_layout)
+        with _timed(timings, "deliver"):
+            delivered = deliver(
+                output,
+                delivery=request.delivery,
+                max_inline_bytes=self.settings.max_inline_bytes,
+                bucket=self.bucket,
+                job_id=job_id,
+            )
+        return {
+            "status": "success",
+            "format": output.format,
+            **_format_options(request),
+            **delivered,
+            "size_bytes": len(output.data),
+            "num_gaussians": len(prediction.gaussians),
+            "image_size": {"width": prediction.image_width, "height": prediction.image_height},
+            "focal_length_px": prediction.focal_length_px,
+            "focal_length_source": prediction.focal_length_source,
+            "timings_ms": timings,
+            "backend": self.predictor.backend,
+            "precision": self.predictor.precision,
+            "device": str(self.predictor.device),
+            "model": {
+                "checkpoint": self.predictor.checkpoint.name,
+                "untrained": self.predictor.checkpoint.untrained,
+            },
+        }
+
+    def _recover(self, message: str, out_of_memory: bool) -> dict[str, Any]:
+        gc.collect()
+        torch.cuda.empty_cache()
+        # Out of memory leaves the device usable; any other fault poisons the CUDA context.
+        if out_of_memory and gpu_healthy(self.predictor.device):
+            return {"error": message}
+        logger.error("The GPU is no longer healthy; asking RunPod to replace this worker")
+        return {"error": message, "refresh_worker": True}
+
+
+def _format_options(request: JobRequest) -> dict[str, str]:
+    return {"ply_layout": request.ply_layout} if request.output_format == "ply" else {}
+
+
+def _device_fault_message(error: BaseException, out_of_memory: bool) -> str:
+    if out_of_memory:
+        return (
+            "the GPU ran out of memory on this image; retry (possibly on a GPU with more "
+            "memory) or send a smaller image"
+        )
+    return f"the GPU failed while processing this job ({error}); retry the job"
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = round((time.perf_counter() - start) * 1000, 2)
