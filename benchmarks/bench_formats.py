@@ -73,7 +73,7 @@ def test_encode(benchmark, gaussians: Gaussians, fmt: str, options: dict) -> Non
     kwargs = dict(
         image_width=IMAGE_SIZE, image_height=IMAGE_SIZE, focal_length_px=FOCAL_LENGTH_PX, **options
     )
-    encoded = benchmark.pedantic(encode, (gaussians, fmt), kwargs, rounds=3, warmup_rounds=1)
+    encoded = benchmark.pedantic(encode, (gaussians, fmt), kwargs, rounds=5, warmup_rounds=1)
     name = benchmark.name.split("[")[1].rstrip("]")
     benchmark.extra_info["bytes"] = len(encoded.data)
     benchmark.extra_info["bytes_per_gaussian"] = len(encoded.data) / len(gaussians)
