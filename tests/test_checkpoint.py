@@ -38,11 +38,12 @@ def test_tiny_checkpoint_loads_with_golden_weights(tiny_checkpoint, make_weights
 
 def test_official_shapes_load_without_copying(official_checkpoint, official_shapes):
     # In a fresh process, so the peak resident memory is the loader's alone.
+    # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork and exec.
     script = (
-        "import resource, sys; from engine.checkpoint import load_network; "
+        "import re, sys; from engine.checkpoint import load_network; "
         "model, info = load_network(sys.argv[1]); "
-        "print(sum(p.numel() for p in model.parameters()), "
-        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+        "print(sum(p.numel() for p in model.parameters()), int(hwm) * 1024)"
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(official_checkpoint)],
