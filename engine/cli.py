@@ -12,9 +12,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .checkpoint import DEFAULT_CHECKPOINT_URL, TINY_UNTRAINED, CheckpointError
-from .images import ImageDecodeError
+from .formats import FORMATS, encode
+from .formats.spz import DEFAULT_VERSION, VERSIONS
 from .pipeline import SharpPredictor
-from .ply import save_ply
+from .pruning import prune
 
 logger = logging.getLogger("sharp-runpod")
 
@@ -36,13 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--focal-px", type=float, default=None, help="focal length in pixels (default: from EXIF)"
     )
-    predict.add_argument("--ply-layout", default="standard", choices=["standard", "sharp"])
+    predict.add_argument("--format", default="ply", choices=FORMATS, help="output file format")
+    predict.add_argument(
+        "--ply-layout",
+        default="standard",
+        choices=["standard", "sharp"],
+        help="standard: vertex element only, read by every viewer; sharp: Apple's layout with "
+        "camera metadata elements",
+    )
+    predict.add_argument("--spz-version", type=int, default=DEFAULT_VERSION, choices=VERSIONS)
+    predict.add_argument(
+        "--min-opacity", type=float, default=None, help="drop Gaussians below this opacity"
+    )
+    predict.add_argument(
+        "--max-gaussians", type=int, default=None, help="keep at most this many, the most visible"
+    )
     predict.set_defaults(run=run_predict)
     return parser
 
 
 def collect_images(inputs: Iterable[Path]) -> list[tuple[Path, Path]]:
-    """(file, output path relative to the output folder) for files and folder contents.
+    """(file, output stem relative to the output folder) for files and folder contents.
 
     Folders are walked recursively; their structure is kept in the output. Whether a file
     is an image is decided by decoding it, not by its suffix.
@@ -53,17 +68,18 @@ def collect_images(inputs: Iterable[Path]) -> list[tuple[Path, Path]]:
             for path in sorted(p for p in item.rglob("*") if p.is_file()):
                 relative = path.relative_to(item)
                 if not any(part.startswith(".") for part in relative.parts):
-                    pairs.append((path, relative.with_suffix(".ply")))
+                    pairs.append((path, relative))
         else:
-            pairs.append((item, Path(item.name).with_suffix(".ply")))
+            pairs.append((item, Path(item.name)))
     # Two inputs with one stem (photo.jpg, photo.png) must not overwrite each other.
     seen: set[Path] = set()
     unique = []
-    for path, out in pairs:
-        if out in seen:
-            out = out.with_name(path.name + ".ply")
-        seen.add(out)
-        unique.append((path, out))
+    for path, relative in pairs:
+        stem = relative.with_suffix("")
+        if stem in seen:
+            stem = relative
+        seen.add(stem)
+        unique.append((path, stem))
     return unique
 
 
@@ -79,6 +95,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.focal_px is not None and not (args.focal_px > 0):
         logger.error("--focal-px must be a positive number of pixels")
         return 2
+    if args.min_opacity is not None and not 0 <= args.min_opacity <= 1:
+        logger.error("--min-opacity must be between 0 and 1")
+        return 2
+    if args.max_gaussians is not None and args.max_gaussians < 1:
+        logger.error("--max-gaussians must be at least 1")
+        return 2
     try:
         predictor = SharpPredictor.from_checkpoint(args.checkpoint, device=args.device)
     except (CheckpointError, RuntimeError) as error:
@@ -87,26 +109,35 @@ def run_predict(args: argparse.Namespace) -> int:
     label = " [UNTRAINED tiny model: not a real reconstruction]" if predictor.checkpoint.untrained else ""
     failures = 0
     progress = tqdm(images, unit="image", disable=len(images) < 2)
-    for path, relative in progress:
+    for path, stem in progress:
         start = time.perf_counter()
         try:
             prediction = predictor.predict(path.read_bytes(), focal_length_px=args.focal_px)
-            target = args.output / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            save_ply(
-                target,
+            gaussians = prune(
                 prediction.gaussians,
+                min_opacity=args.min_opacity,
+                max_gaussians=args.max_gaussians,
+                focal_length_px=prediction.focal_length_px,
+            )
+            encoded = encode(
+                gaussians,
+                args.format,
                 image_width=prediction.image_width,
                 image_height=prediction.image_height,
                 focal_length_px=prediction.focal_length_px,
-                layout=args.ply_layout,
+                ply_layout=args.ply_layout,
+                spz_version=args.spz_version,
             )
-        except (ImageDecodeError, OSError) as error:
+            target = args.output / stem.parent / (stem.name + encoded.extension)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(encoded.data)
+        except (ValueError, OSError) as error:  # bad image bytes (ImageDecodeError), I/O
             failures += 1
             tqdm.write(f"{path}: FAILED: {error}", file=sys.stderr)
             continue
+        kept = "" if len(gaussians) == len(prediction.gaussians) else f" (of {len(prediction.gaussians):,})"
         tqdm.write(
-            f"{path}: {len(prediction.gaussians):,} Gaussians, "
+            f"{path}: {len(gaussians):,} Gaussians{kept}, "
             f"{prediction.image_width}x{prediction.image_height}, "
             f"focal {prediction.focal_length_px:.1f} px ({prediction.focal_length_source}), "
             f"{time.perf_counter() - start:.2f} s -> {target}{label}"

@@ -101,3 +101,17 @@ def test_official_shapes_through_the_cli(tmp_path, official_checkpoint, golden_d
     k = int(expected["subsample_every"])
     assert_means_close(rows[::k, 0:3], expected["ply_vertex_rows"][:, 0:3])
     shutil.rmtree(tmp_path / "out")
+
+
+def test_compact_format_with_pruning(tmp_path):
+    from engine.formats.spz import read_spz
+
+    result = run_cli(
+        "predict", SAMPLE, "-o", str(tmp_path), "--checkpoint", "tiny-untrained", "--device", "cpu",
+        "--format", "spz", "--max-gaussians", "1000", "--min-opacity", "0.1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1,000 Gaussians (of 1,179,648)" in result.stdout
+    gaussians = read_spz((tmp_path / "coffee.spz").read_bytes())
+    assert len(gaussians) == 1000
+    assert float(gaussians.opacities.min()) >= 0.1 - 1 / 255
