@@ -12,6 +12,7 @@ import logging
 import sys
 
 import runpod
+from runpod.serverless.modules.rp_logger import RunPodLogger
 
 from engine.checkpoint import CheckpointError
 
@@ -44,6 +45,9 @@ def main() -> None:
         sys.exit(1)
     if settings.local_api and "--rp_serve_api" not in sys.argv:
         sys.argv.extend(LOCAL_API_ARGS)
+    # The SDK's default level is DEBUG, at which it logs every job's whole output: here tens
+    # of megabytes of base64 per job. Its --rp_log_level argument still overrides this.
+    RunPodLogger().set_level(settings.sdk_log_level)
     runpod.serverless.start({"handler": worker})
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from runpod.serverless.utils.rp_validator import validate
 
 from .fetch import FetchPolicy, fetch
-from .outputs import FORMATS, PLY_LAYOUTS
+from .outputs import FORMATS, PLY_LAYOUTS, OutputRequest
 
 DELIVERIES = ("inline", "url")
 
@@ -21,12 +21,21 @@ FIELD_GUIDE = (
     "focal_length_px (number > 0), "
     f"output_format ({' | '.join(FORMATS)}), "
     f"ply_layout ({' | '.join(PLY_LAYOUTS)}), "
+    "max_gaussians (integer >= 1), min_opacity (number 0..1), "
     f"return ({' | '.join(DELIVERIES)})"
 )
 
 
 def _positive_finite(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isfinite(value) and value > 0)
+
+
+def _positive_int(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
+def _fraction(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and 0 <= value <= 1)
 
 
 # Defaults are applied after validation, not by rp_validator: it skips a field's constraints
@@ -54,6 +63,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "default": None,
         "constraints": lambda value: value is None or value in PLY_LAYOUTS,
     },
+    "max_gaussians": {
+        "type": int,
+        "required": False,
+        "default": None,
+        "constraints": _positive_int,
+    },
+    "min_opacity": {
+        "type": float,
+        "required": False,
+        "default": None,
+        "constraints": _fraction,
+    },
     "return": {
         "type": str,
         "required": False,
@@ -73,8 +94,7 @@ class JobRequest:
     image: str | None
     image_url: str | None
     focal_length_px: float | None
-    output_format: str
-    ply_layout: str
+    output: OutputRequest
     delivery: str | None  # None: inline when it fits, else a URL when a bucket is configured
 
 
@@ -96,8 +116,12 @@ def parse_request(job_input: Any) -> JobRequest:
         image=fields["image"],
         image_url=fields["image_url"],
         focal_length_px=fields["focal_length_px"],
-        output_format=fields["output_format"],
-        ply_layout=fields["ply_layout"],
+        output=OutputRequest(
+            format=fields["output_format"],
+            ply_layout=fields["ply_layout"],
+            max_gaussians=fields["max_gaussians"],
+            min_opacity=fields["min_opacity"],
+        ),
         delivery=fields["return"],
     )
 

@@ -1,20 +1,21 @@
-"""Turning a prediction into the bytes the client asked for, and getting them to the client.
+"""Turning a prediction into the file the client asked for, and getting it to the client.
 
-Encoding is one table of encoders keyed by `output_format`; a new format (spz, splat, ...)
-is one more entry. Delivery decides between inline base64 and a bucket URL, and enforces the
-inline limit itself: RunPod drops a result over its limit yet reports the job COMPLETED.
+Encoding is `engine.formats.encode` (ply, spz, splat), after optional pruning. Delivery
+decides between inline base64 and a bucket URL, and enforces the inline limit itself:
+RunPod drops a result over its limit yet reports the job COMPLETED.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from engine.formats import FORMATS, EncodedSplat
+from engine.formats import encode as encode_splat
 from engine.pipeline import Prediction
-from engine.ply import write_ply
+from engine.pruning import prune
 
 from .settings import BUCKET_ENV
 from .storage import ResultBucket
@@ -23,30 +24,32 @@ PLY_LAYOUTS = ("standard", "sharp")
 
 
 @dataclass(frozen=True)
-class EncodedOutput:
-    data: bytes
-    format: str  # also the key of the inline payload in the result ("ply": "<base64>")
-    extension: str
-    content_type: str
+class OutputRequest:
+    format: str  # one of FORMATS; also the key of the inline payload ("ply": "<base64>")
+    ply_layout: str
+    max_gaussians: int | None
+    min_opacity: float | None
 
 
-def _encode_ply(prediction: Prediction, ply_layout: str) -> EncodedOutput:
-    data = write_ply(
-        prediction.gaussians,
+def encode(prediction: Prediction, request: OutputRequest) -> tuple[EncodedSplat, int]:
+    """The encoded file and how many Gaussians it holds."""
+    gaussians = prediction.gaussians
+    if request.max_gaussians is not None or request.min_opacity is not None:
+        gaussians = prune(
+            gaussians,
+            min_opacity=request.min_opacity,
+            max_gaussians=request.max_gaussians,
+            focal_length_px=prediction.focal_length_px,
+        )
+    encoded = encode_splat(
+        gaussians,
+        request.format,
         image_width=prediction.image_width,
         image_height=prediction.image_height,
         focal_length_px=prediction.focal_length_px,
-        layout=ply_layout,
+        ply_layout=request.ply_layout,
     )
-    return EncodedOutput(data, "ply", ".ply", "application/octet-stream")
-
-
-_ENCODERS: dict[str, Callable[[Prediction, str], EncodedOutput]] = {"ply": _encode_ply}
-FORMATS = tuple(_ENCODERS)
-
-
-def encode(prediction: Prediction, output_format: str, ply_layout: str) -> EncodedOutput:
-    return _ENCODERS[output_format](prediction, ply_layout)
+    return encoded, len(gaussians)
 
 
 class DeliveryError(ValueError):
@@ -67,7 +70,7 @@ def check_deliverable(delivery: str | None, bucket: ResultBucket | None) -> None
 
 
 def deliver(
-    output: EncodedOutput,
+    output: EncodedSplat,
     *,
     delivery: str | None,
     max_inline_bytes: int,
@@ -79,7 +82,7 @@ def deliver(
     fits = base64_size(len(output.data)) <= max_inline_bytes
     if bucket is not None and (delivery == "url" or (delivery is None and not fits)):
         uploaded = bucket.upload(
-            output.data, job_id=job_id, extension=output.extension, content_type=output.content_type
+            output.data, job_id=job_id, extension=output.extension, content_type=output.media_type
         )
         expires_at = datetime.now(timezone.utc) + timedelta(seconds=uploaded.expires_in_s)
         return {
@@ -93,17 +96,21 @@ def deliver(
     return {"delivery": "inline", output.format: base64.b64encode(output.data).decode("ascii")}
 
 
-def _too_large_message(output: EncodedOutput, max_inline_bytes: int, has_bucket: bool) -> str:
+def _too_large_message(output: EncodedSplat, max_inline_bytes: int, has_bucket: bool) -> str:
     size = len(output.data)
     remedies = (
         ["request return='url' (a bucket is configured)"]
         if has_bucket
-        else [f"configure an S3-compatible bucket ({', '.join(BUCKET_ENV)}, BUCKET_NAME) "
-              "to receive it as a presigned URL"]
+        else [
+            f"configure an S3-compatible bucket ({', '.join(BUCKET_ENV)}, BUCKET_NAME) "
+            "to receive it as a presigned URL"
+        ]
     )
     smaller = [name for name in FORMATS if name != output.format]
-    if smaller:
-        remedies.append(f"request a more compact output_format ({', '.join(smaller)})")
+    remedies.append(
+        f"request a smaller output: a more compact output_format ({', '.join(smaller)}) "
+        "and/or fewer Gaussians (max_gaussians, min_opacity)"
+    )
     return (
         f"the {output.format} result is {size:,} bytes ({base64_size(size):,} as base64), over "
         f"the inline limit of {max_inline_bytes:,} base64 bytes (SHARP_MAX_INLINE_BYTES; "

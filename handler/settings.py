@@ -69,6 +69,7 @@ class WorkerSettings:
     allow_private_urls: bool
     bucket: BucketSettings | None
     local_api: bool
+    sdk_log_level: str  # the RunPod SDK's own variables; INFO where it would default to DEBUG
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -94,6 +95,9 @@ class WorkerSettings:
                 env, _int(env, "SHARP_URL_EXPIRY_S", DEFAULT_URL_EXPIRY_S, MAX_URL_EXPIRY_S)
             ),
             local_api=_sdk_flag(env, "SHARP_LOCAL_API"),
+            sdk_log_level=(
+                _get(env, "RUNPOD_LOG_LEVEL") or _get(env, "RUNPOD_DEBUG_LEVEL") or "INFO"
+            ),
         )
 
 

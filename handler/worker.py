@@ -81,10 +81,12 @@ class SharpWorker:
                 data, focal_length_px=request.focal_length_px, max_pixels=self.settings.max_pixels
             )
         prediction = self.predictor.predict(image)
-        timings.update(inference=prediction.timings_ms["inference"])
-        timings.update(postprocess=prediction.timings_ms["postprocess"])
+        timings.update(
+            inference=prediction.timings_ms["inference"],
+            postprocess=prediction.timings_ms["postprocess"],
+        )
         with _timed(timings, "encode"):
-            output = encode(prediction, request.output_format, request.ply_layout)
+            output, num_gaussians = encode(prediction, request.output)
         with _timed(timings, "deliver"):
             delivered = deliver(
                 output,
@@ -99,7 +101,8 @@ class SharpWorker:
             **_format_options(request),
             **delivered,
             "size_bytes": len(output.data),
-            "num_gaussians": len(prediction.gaussians),
+            "num_gaussians": num_gaussians,
+            "num_gaussians_predicted": len(prediction.gaussians),
             "image_size": {"width": prediction.image_width, "height": prediction.image_height},
             "focal_length_px": prediction.focal_length_px,
             "focal_length_source": prediction.focal_length_source,
@@ -124,7 +127,7 @@ class SharpWorker:
 
 
 def _format_options(request: JobRequest) -> dict[str, str]:
-    return {"ply_layout": request.ply_layout} if request.output_format == "ply" else {}
+    return {"ply_layout": request.output.ply_layout} if request.output.format == "ply" else {}
 
 
 def _device_fault_message(error: BaseException, out_of_memory: bool) -> str:

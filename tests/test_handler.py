@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
 from handler_support import (
+    REPO,
     SAMPLE,
     ImageHost,
     WorkerServer,
@@ -25,8 +27,12 @@ from handler_support import (
 )
 from PIL import Image
 
+from engine.formats.spz import read_spz
 from engine.pipeline import SharpPredictor
 from engine.ply import read_ply, vertex_rows
+from handler.inputs import parse_request
+from handler.outputs import base64_size, encode
+from handler.settings import DEFAULT_MAX_INLINE_BYTES
 
 IMAGE = SAMPLE.read_bytes()
 IMAGE_B64 = base64.b64encode(IMAGE).decode()
@@ -88,12 +94,13 @@ def expect_failure(server: WorkerServer, job_input: object, *fragments: str) -> 
     return error
 
 
-def test_base64_request_matches_the_engine(inline_result, reference):
+def test_base64_request_matches_the_engine(open_worker, inline_result, reference):
     prediction, rows = reference
     out = inline_result
     assert out["status"] == "success" and out["format"] == "ply" and out["delivery"] == "inline"
     assert out["ply_layout"] == "standard"
-    assert out["num_gaussians"] == len(prediction.gaussians) == 1_179_648
+    assert out["num_gaussians"] == out["num_gaussians_predicted"] == 1_179_648
+    assert out["num_gaussians"] == len(prediction.gaussians)
     assert out["image_size"] == {"width": 400, "height": 600}
     assert out["focal_length_px"] == pytest.approx(prediction.focal_length_px)
     assert out["model"] == {"checkpoint": "tiny-untrained", "untrained": True}
@@ -101,11 +108,23 @@ def test_base64_request_matches_the_engine(inline_result, reference):
     assert set(out["timings_ms"]) == {
         "input", "decode", "inference", "postprocess", "encode", "deliver"
     }  # fmt: skip
+    assert open_worker.log.stat().st_size < 1_000_000, "the SDK logged the result"
     ply = base64.b64decode(out["ply"])
     assert len(ply) == out["size_bytes"]
     vertices = read_ply(ply).vertices
     stored = np.stack([vertices[name] for name in vertices.dtype.names], axis=1)
     np.testing.assert_allclose(stored, rows, rtol=1e-5, atol=1e-5)
+
+
+def test_compact_pruned_output_fits_inline(reference):
+    """What test_input.json and the Hub test ask for: small enough for RunPod without a bucket."""
+    prediction, _ = reference
+    job_input = json.loads((REPO / "test_input.json").read_text())["input"]
+    request = parse_request({**job_input, "image": IMAGE_B64})
+    output, count = encode(prediction, request.output)
+    assert output.format == "spz" and count == job_input["max_gaussians"]
+    assert len(read_spz(output.data)) == count
+    assert base64_size(len(output.data)) < DEFAULT_MAX_INLINE_BYTES
 
 
 # name -> (job input, or a path on the image host, or a marker for a generated image;

@@ -21,7 +21,8 @@ from handler import model as handler_model
 from handler.fetch import FetchError, FetchPolicy, fetch, is_public_address
 from handler.inputs import InputError, decode_base64_image, parse_request
 from handler.model import checkpoint_spec, find_in_hf_cache, is_device_fault
-from handler.outputs import DeliveryError, EncodedOutput, base64_size, deliver
+from engine.formats import EncodedSplat
+from handler.outputs import DeliveryError, OutputRequest, base64_size, deliver
 from handler.settings import (
     DEFAULT_MAX_INLINE_BYTES,
     SettingsError,
@@ -99,8 +100,9 @@ def test_private_url_switch_uses_the_sdk_values():
 
 def test_parse_request_defaults_and_int_focal_length():
     request = parse_request({"image": "abc", "focal_length_px": 800})
+    assert parse_request({"image": "abc", "min_opacity": 0}).output.min_opacity == 0.0
     assert request.focal_length_px == 800.0 and isinstance(request.focal_length_px, float)
-    assert request.output_format == "ply" and request.ply_layout == "standard"
+    assert request.output == OutputRequest("ply", "standard", None, None)
     assert request.delivery is None
 
 
@@ -115,6 +117,10 @@ def test_parse_request_defaults_and_int_focal_length():
         ({"image": "abc", "ply_layout": "fancy"}, "ply_layout does not meet"),
         ({"image": "abc", "output_format": "obj"}, "output_format does not meet"),
         ({"image": "abc", "return": "email"}, "return does not meet"),
+        ({"image": "abc", "max_gaussians": True}, "max_gaussians does not meet"),
+        ({"image": "abc", "max_gaussians": 0}, "max_gaussians does not meet"),
+        ({"image": "abc", "max_gaussians": 1.5}, "max_gaussians should be"),
+        ({"image": "abc", "min_opacity": 2}, "min_opacity does not meet"),
     ],
 )
 def test_parse_request_refuses(job_input, message):
@@ -282,7 +288,7 @@ def bucket():
         yield ResultBucket(settings.bucket)
 
 
-PAYLOAD = EncodedOutput(b"ply\n" + bytes(3000), "ply", ".ply", "application/octet-stream")
+PAYLOAD = EncodedSplat(b"ply\n" + bytes(3000), "ply", "application/octet-stream", ".ply")
 
 
 def test_inline_when_it_fits():
