@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # SHARP (one photo in, a 3D Gaussian splat .ply out) as a RunPod serverless worker.
 #
 #   docker build -t sharp-runpod .                            weights fetched at first start
@@ -49,10 +50,13 @@ ENV SHARP_CHECKPOINT=${BAKE_WEIGHTS:+/opt/sharp/weights/sharp_2572gikvuh.pt}
 COPY . .
 
 # The project pins no versions of its own here: pyproject.toml is the one place for them.
-# build_engine.py prepares the compiled backend and needs no GPU.
 # hadolint ignore=DL3013
-RUN pip install ".[worker]" \
-    && python export/build_engine.py
+RUN pip install ".[worker]"
+
+# Prepares the compiled backend from the checkpoint when the image has one (BAKE_WEIGHTS);
+# without network it cannot fetch one, so an image without weights stays without them and
+# the worker finishes the job on its first start. Needs no GPU.
+RUN --network=none python export/build_engine.py
 
 # No USER: RunPod mounts network volumes owned by root, and the weights cache lives there.
 CMD ["python", "-u", "-m", "handler"]
