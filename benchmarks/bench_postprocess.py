@@ -3,8 +3,11 @@ ours against a baseline that does what Apple's reference does.
 
 Run: .venv/bin/python -m pytest benchmarks/bench_postprocess.py --benchmark-enable
 Both run in the same group, so pytest-benchmark's table shows the ratio; the terminal summary
-(benchmarks/conftest.py) and ours' extra_info state the speedup explicitly. Torch's default
-thread count.
+(benchmarks/conftest.py) and ours' extra_info state the speedup explicitly.
+
+One thread (torch.set_num_threads(1) while this module runs), to measure "one CPU core": with
+two threads on a busy 2-core machine, OpenMP workers spinning after each of ours' many small
+elementwise ops steal the main thread's core and the timings scatter by 10x.
 
 Ours: engine.gaussians.postprocess (closed-form float32 eigensolver) + engine.ply.write_ply.
 Baseline, as the reference's unproject_gaussians + save_ply: the unprojection matrix inverted
@@ -15,6 +18,8 @@ files are checked to hold the same Gaussians.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -132,6 +137,14 @@ def sharp_header(n: int) -> bytes:
     for name, count, kind in extras:
         lines += [f"element {name} {count}", f"property {kind} {name}"]
     return ("\n".join([*lines, "end_header"]) + "\n").encode()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ Sym3 = tuple[torch.Tensor, ...]  # upper triangle (xx, xy, xz, yy, yz, zz)
 Quat = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (w, x, y, z)
 
 # Gaussians per step on the CPU: a step's few hundred temporaries then stay in cache and the
-# allocator recycles them instead of faulting in fresh pages for every op (2-3x faster).
+# allocator recycles them instead of faulting in fresh pages for every op (~2x faster).
 _CPU_CHUNK = 1 << 16
 
 
