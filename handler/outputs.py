@@ -31,6 +31,10 @@ class OutputRequest:
     min_opacity: float | None
 
 
+class DeliveryError(ValueError):
+    """The result cannot be delivered the way it was asked for; meant for the client."""
+
+
 def encode(prediction: Prediction, request: OutputRequest) -> tuple[EncodedSplat, int]:
     """The encoded file and how many Gaussians it holds."""
     gaussians = prediction.gaussians
@@ -41,6 +45,10 @@ def encode(prediction: Prediction, request: OutputRequest) -> tuple[EncodedSplat
             max_gaussians=request.max_gaussians,
             focal_length_px=prediction.focal_length_px,
         )
+        if len(gaussians) == 0:
+            raise DeliveryError(
+                f"min_opacity={request.min_opacity} leaves no Gaussian to return; use a lower value"
+            )
     encoded = encode_splat(
         gaussians,
         request.format,
@@ -50,10 +58,6 @@ def encode(prediction: Prediction, request: OutputRequest) -> tuple[EncodedSplat
         ply_layout=request.ply_layout,
     )
     return encoded, len(gaussians)
-
-
-class DeliveryError(ValueError):
-    """The result cannot be delivered the way it was asked for; meant for the client."""
 
 
 def base64_size(num_bytes: int) -> int:

@@ -17,17 +17,15 @@ import torch
 from handler_support import ImageHost, moto_s3, png_bytes
 from runpod.serverless.modules.rp_job import run_job
 
+from engine.formats import EncodedSplat
+from engine.gaussians import Gaussians
+from engine.pipeline import Prediction
 from handler import model as handler_model
 from handler.fetch import FetchError, FetchPolicy, fetch, is_public_address
 from handler.inputs import InputError, decode_base64_image, parse_request
 from handler.model import checkpoint_spec, find_in_hf_cache, is_device_fault
-from engine.formats import EncodedSplat
-from handler.outputs import DeliveryError, OutputRequest, base64_size, deliver
-from handler.settings import (
-    DEFAULT_MAX_INLINE_BYTES,
-    SettingsError,
-    WorkerSettings,
-)
+from handler.outputs import DeliveryError, OutputRequest, base64_size, deliver, encode
+from handler.settings import DEFAULT_MAX_INLINE_BYTES, SettingsError, WorkerSettings
 from handler.storage import ResultBucket, UploadError
 from handler.worker import SharpWorker
 
@@ -329,6 +327,28 @@ def test_upload_failure_is_an_error_not_a_local_path(bucket):
     )
     with pytest.raises(UploadError, match="no-such-bucket"):
         deliver(PAYLOAD, delivery="url", max_inline_bytes=10_000, bucket=broken, job_id="j")
+
+
+def synthetic_prediction(n: int = 64) -> Prediction:
+    generator = torch.Generator().manual_seed(0)
+    gaussians = Gaussians(
+        means=torch.rand(n, 3, generator=generator) + torch.tensor([0.0, 0.0, 2.0]),
+        scales=torch.rand(n, 3, generator=generator) * 0.01 + 0.001,
+        quaternions=torch.nn.functional.normalize(torch.rand(n, 4, generator=generator), dim=-1),
+        colors=torch.rand(n, 3, generator=generator),
+        opacities=torch.linspace(0.05, 0.95, n),
+    )
+    return Prediction(gaussians, 40, 30, 50.0, "override")
+
+
+def test_pruned_encoding_counts_what_it_keeps():
+    output, count = encode(synthetic_prediction(), OutputRequest("splat", "standard", 10, None))
+    assert output.format == "splat" and count == 10 and len(output.data) == 10 * 32
+
+
+def test_pruning_away_everything_is_the_clients_error():
+    with pytest.raises(DeliveryError, match="min_opacity=0.99 leaves no Gaussian"):
+        encode(synthetic_prediction(), OutputRequest("spz", "standard", None, 0.99))
 
 
 # --- model loading --------------------------------------------------------------------------
