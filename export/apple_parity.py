@@ -1,0 +1,128 @@
+"""Parity with Apple's reference implementation (the `sharp` package) on the real weights.
+
+Runs Apple's predictor as its `sharp predict` does (create_predictor(PredictorParams()),
+load_state_dict, eval, forward, unproject_gaussians) and this project's network on one fixed
+input and checkpoint, and compares the metric Gaussians at every SUBSAMPLE-th Gaussian and the
+disparity at every 8th pixel, with the golden tolerances. Apple's package is optional: the
+Dockerfile installs it behind a build argument.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.backends import (
+    GOLDEN_TOLERANCES,
+    exceeded,
+    json_errors,
+    reference_output,
+    validation_input,
+)
+from engine.gaussians import covariances_from, postprocess
+from engine.network import SharpNetwork
+from engine.pipeline import network_gaussians
+
+logger = logging.getLogger(__name__)
+
+SUBSAMPLE = 64  # 18,432 of the official model's 1,179,648 Gaussians, as in the golden fixtures
+DISPARITY_STRIDE = 8
+
+
+def apple_available() -> bool:
+    return (
+        importlib.util.find_spec("sharp") is not None
+        and importlib.util.find_spec("sharp.models") is not None
+    )
+
+
+def compare_with_apple(
+    network: SharpNetwork, checkpoint: Path, device: torch.device
+) -> dict[str, Any]:
+    """Max errors of this network against Apple's on the validation input; `passed` when all
+    are within the golden tolerances. Needs Apple's `sharp` package and the official config."""
+    from sharp.models import PredictorParams, create_predictor
+    from sharp.utils.gaussians import Gaussians3D, unproject_gaussians
+
+    start = time.perf_counter()
+    resolution = network.config.internal_resolution
+    image, disparity_factor = validation_input(resolution, device)
+    # The validation photo is square, `resolution` wide, with this focal length in pixels.
+    focal_length_px = float(disparity_factor[0]) * resolution
+
+    apple = create_predictor(PredictorParams())
+    apple.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    apple = apple.eval().to(device)
+    captured: dict[str, torch.Tensor] = {}
+    hook = apple.monodepth_model.register_forward_hook(
+        lambda module, args, output: captured.setdefault("disparity", output.disparity)
+    )
+    with torch.no_grad():
+        apple_ndc = apple(image, disparity_factor)
+    hook.remove()
+    del apple
+    subsampled = Gaussians3D(*(t[:, ::SUBSAMPLE] for t in apple_ndc))
+    intrinsics = torch.tensor(
+        [
+            [focal_length_px, 0.0, resolution / 2, 0.0],
+            [0.0, focal_length_px, resolution / 2, 0.0],
+            [0.0, 0.0, 1.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ],
+        device=device,
+    )
+    apple_metric = unproject_gaussians(
+        subsampled, torch.eye(4, device=device), intrinsics, (resolution, resolution)
+    )
+
+    output = reference_output(network, (image, disparity_factor))
+    ours = network_gaussians(output).index(
+        torch.arange(0, output.means.shape[1], SUBSAMPLE, device=device)
+    )
+    ours = postprocess(
+        ours, focal_length_px=focal_length_px, image_width=resolution, image_height=resolution
+    )
+
+    def first(t: torch.Tensor) -> torch.Tensor:
+        return t[0].float()
+
+    apple_cov = covariances_from(
+        first(apple_metric.quaternions), first(apple_metric.singular_values)
+    )
+    our_cov = covariances_from(ours.quaternions, ours.scales)
+    apple_cov, our_cov = apple_cov.flatten(1), our_cov.flatten(1)
+    apple_means = first(apple_metric.mean_vectors)
+    stride = DISPARITY_STRIDE
+    errors = {
+        "disparity": (
+            output.disparity[0, :, ::stride, ::stride]
+            - captured["disparity"][0, :, ::stride, ::stride]
+        )
+        .abs()
+        .max(),
+        "colors": (ours.colors - first(apple_metric.colors)).abs().max(),
+        "opacities": (ours.opacities - first(apple_metric.opacities)).abs().max(),
+        "means": (ours.means - apple_means).abs().max() / apple_means[:, 2].median(),
+        "covariances": (
+            (our_cov - apple_cov).abs().amax(1) / (apple_cov.abs().amax(1) + 1e-12)
+        ).max(),
+    }
+    errors = {name: float(value) for name, value in errors.items()}
+    over = exceeded(errors, GOLDEN_TOLERANCES)
+    result = {
+        "passed": not over,
+        "max_errors": json_errors(errors),
+        "tolerances": asdict(GOLDEN_TOLERANCES),
+        "exceeded": over,
+        "subsample": SUBSAMPLE,
+        "device": str(device),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    logger.info("Parity with Apple's sharp: %s", result)
+    return result
