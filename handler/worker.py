@@ -107,8 +107,9 @@ class SharpWorker:
             "focal_length_px": prediction.focal_length_px,
             "focal_length_source": prediction.focal_length_source,
             "timings_ms": timings,
-            "backend": self.predictor.backend,
-            "precision": self.predictor.precision,
+            # The request's own: the predictor may switch backend once a compile validates.
+            "backend": prediction.backend,
+            "precision": prediction.precision,
             "device": str(self.predictor.device),
             "model": {
                 "checkpoint": self.predictor.checkpoint.name,

@@ -380,8 +380,6 @@ def test_cpu_errors_are_not_device_faults():
 class FailingPredictor:
     """Stands in for a GPU predictor: this machine has no GPU to run out of memory on."""
 
-    backend, precision = "eager", "fp32"
-
     def __init__(self, error: Exception, device: str) -> None:
         self.error = error
         self.device = torch.device(device)
