@@ -20,9 +20,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
-# The RunPod SDK's local API server with the tiny model on the CPU.
+# The RunPod SDK's local API server with the tiny model on the CPU. Locally there is no
+# platform cap on results, so full .ply files may come back inline.
 serve: $(VENV)/.installed
-	SHARP_CHECKPOINT=tiny-untrained SHARP_DEVICE=cpu $(BIN)/python -m handler --rp_serve_api --rp_api_port 8000
+	SHARP_CHECKPOINT=tiny-untrained SHARP_DEVICE=cpu SHARP_MAX_INLINE_BYTES=200000000 \
+		$(BIN)/python -m handler --rp_serve_api --rp_api_port 8000
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pytest benchmarks --benchmark-enable
