@@ -597,7 +597,7 @@ class BackendContext:
 
     @functools.cached_property
     def checkpoint(self) -> str:
-        """The checkpoint's digest, computed when a cache key first needs it (seconds for 2.8 GB)."""
+        """The checkpoint digest, computed when a key first needs it (seconds for 2.8 GB)."""
         if isinstance(self._checkpoint, str):
             return self._checkpoint
         return checkpoint_digest(self._checkpoint)
@@ -941,8 +941,8 @@ class BackendRuntime:
             rows: list[dict[str, Any]] = []
             if plan.half_blocks and self.context.device.type == "cuda":
                 rows = self.context.block_errors(plan.precision)
-                offenders = blocks_over_budget(rows)
-                reason += f"; blocks over {BLOCK_BUDGET:.0%} of the tolerance alone: {', '.join(offenders) or 'none'}"
+                offenders = ", ".join(blocks_over_budget(rows)) or "none"
+                reason += f"; blocks over {BLOCK_BUDGET:.0%} of the tolerance alone: {offenders}"
             self._refuse(backend, reason, start, errors, rows)
             return False, rows
         seconds = round(time.perf_counter() - start, 2)

@@ -170,14 +170,22 @@ def build_engine(options: BuildOptions = BuildOptions()) -> BuildManifest:
         background=False,
     )
     context = BackendContext(network, device, settings, info)
-    plan = context.plan(options.precision)
     gpu, capability = gpu_identity(device)
     fields.update(
         checkpoint_digest=context.checkpoint,
-        fp32_blocks=plan.fp32_blocks,
         gpu=gpu if device.type == "cuda" else None,
         capability=capability or None,
     )
+    reports: list[dict[str, Any]] = []
+    if device.type == "cuda" and options.precision != "fp32":
+        # Measure each block in half precision; the eager check keeps in float32 the blocks
+        # that lose accuracy (the plan saved here is the one the worker and TensorRT use).
+        fields["block_errors"] = context.block_errors(options.precision)
+        eager = BackendRuntime(context, [EagerBackend(options.precision), EagerBackend("fp32")])
+        eager.start(background=False)
+        reports += eager.report
+    plan = context.plan(options.precision)
+    fields["fp32_blocks"] = plan.fp32_blocks
 
     inputs = context.inputs()
     logger.info("Exporting the network (%s) at its fixed input", plan.describe())
@@ -196,9 +204,16 @@ def build_engine(options: BuildOptions = BuildOptions()) -> BuildManifest:
     message = NO_GPU_MESSAGE
     if device.type == "cuda":
         message, engine_fields = _build_tensorrt(context, plan)
-        if engine_fields.pop("engine_failed", False):
-            failed.append("tensorrt")
+        reports += engine_fields.pop("backend_report", [])
+        engine_validation = engine_fields.pop("engine_validation", None)
+        if engine_validation is not None:
+            validation["tensorrt"] = engine_validation
+            fields["validation"] = validation
+            if not engine_validation["passed"]:
+                failed.append("tensorrt")
         fields.update(engine_fields)
+    if reports:
+        fields["backend_report"] = reports
 
     parity = _apple_parity(options, info.path, network, device)
     if parity is not None:
@@ -261,27 +276,34 @@ def run_onnx(path: Path, inputs: Sequence[torch.Tensor]) -> SharpOutput:
 
 
 def _build_tensorrt(context: BackendContext, plan: PrecisionPlan) -> tuple[str, dict[str, Any]]:
-    """Per-block report, then the worker's own TensorRT path: load or compile, validate, save."""
+    """The worker's own TensorRT path: load or compile, validate against eager fp32, save."""
     try:
         import_tensorrt()
     except BackendUnavailable as error:
         return f"{error}: saved exported program; the worker compiles on first start", {}
-    fields: dict[str, Any] = {}
-    if plan.precision != "fp32":
-        fields["block_errors"] = context.block_errors(plan.precision)
     backend = TensorRTBackend(plan.precision)
     runtime = BackendRuntime(context, [backend, EagerBackend("fp32")])
     active = runtime.start(background=False)
-    fields["backend_report"] = runtime.report
-    final_plan = active.plan if active.name == "tensorrt" else context.plan(plan.precision)
-    fields["fp32_blocks"] = final_plan.fp32_blocks
+    report = runtime.report
+    attempts = [e for e in report if e["backend"] == "tensorrt"]
+    fields: dict[str, Any] = {
+        "backend_report": report,
+        "engine_validation": {
+            "passed": active.name == "tensorrt",
+            "max_errors": attempts[-1]["max_errors"],
+            "tolerances": asdict(tolerances_for(plan.precision)),
+            "reason": attempts[-1]["reason"],
+        },
+    }
     if active.name != "tensorrt":
-        fields["engine_failed"] = True
         return "TensorRT engine refused (see backend_report)", fields
-    engine = backend.cached_engine(context, final_plan)
-    key = backend.engine_key(context, final_plan)
-    fields.update(engine=engine.name if engine else None, engine_key=asdict(key))
-    return f"TensorRT engine {engine} ({final_plan.describe()}) validated", fields
+    engine = backend.cached_engine(context, active.plan)
+    fields.update(
+        engine=engine.name if engine else None,
+        engine_key=asdict(backend.engine_key(context, active.plan)),
+        fp32_blocks=active.plan.fp32_blocks,
+    )
+    return f"TensorRT engine {engine} ({active.plan.describe()}) validated", fields
 
 
 def _apple_parity(

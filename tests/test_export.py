@@ -26,8 +26,9 @@ from engine.backends import (
     reference_output,
     validation_input,
 )
-from engine.checkpoint import TINY_UNTRAINED, build_untrained
+from engine.checkpoint import TINY_UNTRAINED, build_untrained, load_network
 from engine.network import SharpOutput
+from export.apple_parity import apple_available, compare_with_apple
 from export.build_engine import (
     MANIFEST_NAME,
     NO_GPU_MESSAGE,
@@ -167,5 +168,16 @@ def test_gpu_build_compiles_validates_and_reports_blocks(tiny_checkpoint, tmp_pa
     assert manifest.validation["exported_program"]["passed"]
     assert manifest.gpu and manifest.capability and manifest.versions["torch_tensorrt"]
     assert {row["block"] for row in manifest.block_errors} >= set(PrecisionPlan("fp16").half_blocks)
-    active = [e for e in manifest.backend_report if e["status"] == "active"]
-    assert active and active[0]["backend"] == "tensorrt"
+    assert manifest.validation["tensorrt"]["passed"]
+    assert any(
+        e["backend"] == "tensorrt" and e["status"] == "active" for e in manifest.backend_report
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not apple_available(), reason="needs Apple's sharp package")
+def test_parity_with_apples_package_on_official_shapes(official_checkpoint):
+    """Two official-size forwards on the CPU (minutes): this network against Apple's."""
+    network, _ = load_network(str(official_checkpoint))
+    result = compare_with_apple(network, official_checkpoint, CPU)
+    assert result["passed"], result
