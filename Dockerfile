@@ -55,8 +55,20 @@ RUN pip install ".[worker]"
 
 # Prepares the compiled backend from the checkpoint when the image has one (BAKE_WEIGHTS);
 # without network it cannot fetch one, so an image without weights stays without them and
-# the worker finishes the job on its first start. Needs no GPU.
-RUN --network=none python export/build_engine.py
+# the worker finishes the job on its first start. Needs no GPU. The artifacts go outside
+# the cache, which moves to the network volume at run time, and the worker reads them there.
+ENV SHARP_PREBUILT_ENGINE_DIR=/opt/sharp/engines
+RUN --network=none python export/build_engine.py --output-dir /opt/sharp/engines
+
+# Optional: Apple's own package at the pinned commit, so that `sharp-runpod build-engine
+# --apple-parity require` on a GPU pod can compare both implementations on the real weights.
+ARG APPLE_SHARP=
+# hadolint ignore=DL3013
+RUN if [ -n "${APPLE_SHARP}" ]; then \
+      pip install --no-cache-dir --no-deps \
+        "sharp @ https://github.com/apple/ml-sharp/archive/1eaa046834b81852261262b41b0919f5c1efdd2e.tar.gz" \
+      && pip install --no-cache-dir "timm==1.0.20" "plyfile==1.1.2" scipy ; \
+    fi
 
 # No USER: RunPod mounts network volumes owned by root, and the weights cache lives there.
 CMD ["python", "-u", "-m", "handler"]

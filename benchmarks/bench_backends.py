@@ -13,7 +13,7 @@ CPU: eager fp32 only (half precision is emulated on CPUs, minutes per forward). 
 backend and precision, median of 20 after 3 warm-up rounds. The official configuration runs
 where it fits (CUDA with 16 GB, or 16 GB of free RAM), else the tiny one; its weights are the
 default random initialisation: a forward's cost does not depend on their values.
-`--sharp-config` needs benchmarks/conftest.py to register it; SHARP_BENCH_CONFIG also works.
+`--sharp-config` defaults to $SHARP_BENCH_CONFIG, else auto.
 """
 
 from __future__ import annotations

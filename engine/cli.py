@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-gaussians", type=int, default=None, help="keep at most this many, the most visible"
     )
     predict.set_defaults(run=run_predict)
+    commands.add_parser(
+        "build-engine", help="export the network and compile it (python export/build_engine.py)"
+    )
     return parser
 
 
@@ -148,6 +151,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build-engine"]:  # the build-time export has its own options
+        from export.build_engine import main as build_engine
+
+        return build_engine(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     return args.run(args)

@@ -132,6 +132,8 @@ def load_predictor(settings: WorkerSettings) -> SharpPredictor:
         time.perf_counter() - start,
         " [UNTRAINED: not a real reconstruction]" if predictor.checkpoint.untrained else "",
     )
+    for entry in predictor.backend_report:
+        logger.info("Backend %s", entry)
     warm_up(predictor)
     return predictor
 

@@ -110,6 +110,8 @@ class SharpWorker:
             # The request's own: the predictor may switch backend once a compile validates.
             "backend": prediction.backend,
             "precision": prediction.precision,
+            # Which backends were tried and why any was refused (e.g. failed validation).
+            "backend_report": self.predictor.backend_report,
             "device": str(self.predictor.device),
             "model": {
                 "checkpoint": self.predictor.checkpoint.name,

@@ -115,3 +115,10 @@ def test_compact_format_with_pruning(tmp_path):
     gaussians = read_spz((tmp_path / "coffee.spz").read_bytes())
     assert len(gaussians) == 1000
     assert float(gaussians.opacities.min()) >= 0.1 - 1 / 255
+
+
+def test_build_engine_subcommand_without_gpu(tmp_path):
+    result = run_cli("build-engine", "--checkpoint", "tiny-untrained", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.rglob("*.pt2")), "no exported program written"
+    assert list(tmp_path.rglob("*.json")), "no manifest written"
