@@ -11,6 +11,9 @@ from typing import Any
 from runpod.serverless.utils.rp_validator import validate
 
 from .fetch import FetchPolicy, fetch
+from engine.formats.spz import DEFAULT_VERSION as SPZ_DEFAULT_VERSION
+from engine.formats.spz import VERSIONS as SPZ_VERSIONS
+
 from .outputs import FORMATS, PLY_LAYOUTS, OutputRequest
 
 DELIVERIES = ("inline", "url")
@@ -21,6 +24,7 @@ FIELD_GUIDE = (
     "focal_length_px (number > 0), "
     f"output_format ({' | '.join(FORMATS)}), "
     f"ply_layout ({' | '.join(PLY_LAYOUTS)}), "
+    f"spz_version ({' | '.join(map(str, SPZ_VERSIONS))}), "
     "max_gaussians (integer >= 1), min_opacity (number 0..1), "
     f"return ({' | '.join(DELIVERIES)})"
 )
@@ -63,6 +67,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "default": None,
         "constraints": lambda value: value is None or value in PLY_LAYOUTS,
     },
+    "spz_version": {
+        "type": int,
+        "required": False,
+        "default": None,
+        "constraints": lambda value: value is None or value in SPZ_VERSIONS,
+    },
     "max_gaussians": {
         "type": int,
         "required": False,
@@ -82,7 +92,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "constraints": lambda value: value is None or value in DELIVERIES,
     },
 }
-DEFAULTS = {"output_format": "ply", "ply_layout": "standard"}
+DEFAULTS = {"output_format": "ply", "ply_layout": "standard", "spz_version": SPZ_DEFAULT_VERSION}
 
 
 class InputError(ValueError):
@@ -119,6 +129,7 @@ def parse_request(job_input: Any) -> JobRequest:
         output=OutputRequest(
             format=fields["output_format"],
             ply_layout=fields["ply_layout"],
+            spz_version=fields["spz_version"],
             max_gaussians=fields["max_gaussians"],
             min_opacity=fields["min_opacity"],
         ),

@@ -27,6 +27,7 @@ PLY_LAYOUTS = ("standard", "sharp")
 class OutputRequest:
     format: str  # one of FORMATS; also the key of the inline payload ("ply": "<base64>")
     ply_layout: str
+    spz_version: int
     max_gaussians: int | None
     min_opacity: float | None
 
@@ -56,6 +57,7 @@ def encode(prediction: Prediction, request: OutputRequest) -> tuple[EncodedSplat
         image_height=prediction.image_height,
         focal_length_px=prediction.focal_length_px,
         ply_layout=request.ply_layout,
+        spz_version=request.spz_version,
     )
     return encoded, len(gaussians)
 

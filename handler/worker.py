@@ -129,8 +129,12 @@ class SharpWorker:
         return {"error": message, "refresh_worker": True}
 
 
-def _format_options(request: JobRequest) -> dict[str, str]:
-    return {"ply_layout": request.output.ply_layout} if request.output.format == "ply" else {}
+def _format_options(request: JobRequest) -> dict[str, str | int]:
+    if request.output.format == "ply":
+        return {"ply_layout": request.output.ply_layout}
+    if request.output.format == "spz":
+        return {"spz_version": request.output.spz_version}
+    return {}
 
 
 def _device_fault_message(error: BaseException, out_of_memory: bool) -> str:

@@ -100,7 +100,7 @@ def test_parse_request_defaults_and_int_focal_length():
     request = parse_request({"image": "abc", "focal_length_px": 800})
     assert parse_request({"image": "abc", "min_opacity": 0}).output.min_opacity == 0.0
     assert request.focal_length_px == 800.0 and isinstance(request.focal_length_px, float)
-    assert request.output == OutputRequest("ply", "standard", None, None)
+    assert request.output == OutputRequest("ply", "standard", 3, None, None)
     assert request.delivery is None
 
 
@@ -342,13 +342,13 @@ def synthetic_prediction(n: int = 64) -> Prediction:
 
 
 def test_pruned_encoding_counts_what_it_keeps():
-    output, count = encode(synthetic_prediction(), OutputRequest("splat", "standard", 10, None))
+    output, count = encode(synthetic_prediction(), OutputRequest("splat", "standard", 3, 10, None))
     assert output.format == "splat" and count == 10 and len(output.data) == 10 * 32
 
 
 def test_pruning_away_everything_is_the_clients_error():
     with pytest.raises(DeliveryError, match="min_opacity=0.99 leaves no Gaussian"):
-        encode(synthetic_prediction(), OutputRequest("spz", "standard", None, 0.99))
+        encode(synthetic_prediction(), OutputRequest("spz", "standard", 3, None, 0.99))
 
 
 # --- model loading --------------------------------------------------------------------------
@@ -427,3 +427,13 @@ def test_select_device_cpu_and_missing_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(handler_model.DeviceError, match="SHARP_DEVICE=cuda"):
             handler_model.select_device("cuda")
+
+
+def test_spz_version_is_validated_and_applied():
+    request = parse_request({"image": "aGk=", "output_format": "spz", "spz_version": 4})
+    assert request.output.spz_version == 4
+    assert parse_request({"image": "aGk="}).output.spz_version == 3
+    with pytest.raises(InputError, match="spz_version"):
+        parse_request({"image": "aGk=", "spz_version": 1})
+    output, _ = encode(synthetic_prediction(), OutputRequest("spz", "standard", 4, None, None))
+    assert output.data[:4] == b"NGSP"  # version 4 has a plain header; 2 and 3 are gzip
