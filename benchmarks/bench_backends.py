@@ -27,18 +27,18 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.backends import (
+from engine.runtime.backends import (
     BACKEND_ORDER,
     PRECISIONS,
     BackendSettings,
     gpu_identity,
     validation_input,
 )
-from engine.checkpoint import CheckpointInfo
-from engine.config import SharpConfig
+from engine.io.checkpoint import CheckpointInfo
+from engine.network.config import SharpConfig
 from engine.network import SharpNetwork
-from engine.pipeline import SharpPredictor
-from engine.ply import write_ply
+from engine.runtime.predictor import SharpPredictor
+from engine.splats.formats.ply import write_ply
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU_ROUNDS, GPU_WARMUP = 20, 3

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.formats import FORMATS, encode
-from engine.gaussians import Gaussians
+from engine.splats.formats import FORMATS, encode
+from engine.splats.gaussians import Gaussians
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "coffee.jpg"
 GRID = 768  # Gaussians per side and layer: a 1536 px image at stride 2

@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.checkpoint import build_untrained
-from engine.config import SharpConfig
+from engine.io.checkpoint import build_untrained
+from engine.network.config import SharpConfig
 from engine.network import SharpNetwork
 
 ROUNDS = 1  # one forward is ~1.5 minutes on 2 cores

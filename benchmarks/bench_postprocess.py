@@ -9,7 +9,7 @@ One thread (torch.set_num_threads(1) while this module runs), to measure "one CP
 two threads on a busy 2-core machine, OpenMP workers spinning after each of ours' many small
 elementwise ops steal the main thread's core and the timings scatter by 10x.
 
-Ours: engine.gaussians.postprocess (closed-form float32 eigensolver) + engine.ply.write_ply.
+Ours: engine.splats.gaussians.postprocess (closed-form float32 eigensolver) + engine.splats.formats.ply.write_ply.
 Baseline, as the reference's unproject_gaussians + save_ply: the unprojection matrix inverted
 in float32, covariances composed and transformed with batched float32 matrix products, an fp64
 SVD on the CPU with the reflection fix, SciPy's matrix-to-quaternion conversion, and .ply rows
@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.gaussians import (
+from engine.splats.gaussians import (
     Gaussians,
     covariances_from,
     postprocess,
     quaternions_from_rotations,
     rotations_from_quaternions,
 )
-from engine.ply import SH_C0, VERTEX_PROPERTIES, read_ply, write_ply
+from engine.splats.formats.ply import SH_C0, VERTEX_PROPERTIES, read_ply, write_ply
 
 GRID = 768  # Gaussians per side and layer: SHARP's 1536 px internal image at stride 2
 LAYERS = 2
@@ -122,7 +122,7 @@ def quaternions_like_scipy(rotations: torch.Tensor) -> torch.Tensor:
 
 
 def sharp_header(n: int) -> bytes:
-    """The reference's header, written out independently of engine.ply."""
+    """The reference's header, written out independently of engine.splats.formats.ply."""
     extras = [
         ("extrinsic", 16, "float"),
         ("intrinsic", 9, "float"),

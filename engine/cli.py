@@ -11,11 +11,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import DEFAULT_CHECKPOINT_URL, TINY_UNTRAINED, CheckpointError
-from .formats import FORMATS, encode
-from .formats.spz import DEFAULT_VERSION, VERSIONS
-from .pipeline import SharpPredictor
-from .pruning import prune
+from engine.io.checkpoint import DEFAULT_CHECKPOINT_URL, TINY_UNTRAINED, CheckpointError
+from engine.splats.formats import FORMATS, encode
+from engine.splats.formats.spz import DEFAULT_VERSION, VERSIONS
+from engine.runtime.predictor import SharpPredictor
+from engine.splats.pruning import prune
 
 logger = logging.getLogger("sharp-runpod")
 

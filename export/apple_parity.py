@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 
-from engine.backends import (
+from engine.runtime.backends import (
     GOLDEN_TOLERANCES,
     exceeded,
     json_errors,
     reference_output,
     validation_input,
 )
-from engine.checkpoint import read_state_dict
-from engine.gaussians import covariances_from, postprocess
+from engine.io.checkpoint import read_state_dict
+from engine.splats.gaussians import covariances_from, postprocess
 from engine.network import SharpNetwork
-from engine.pipeline import network_gaussians
+from engine.runtime.predictor import network_gaussians
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-from engine.backends import (
+from engine.runtime.backends import (
     DEFAULT_FP32_BLOCKS,
     PRECISIONS,
     BackendContext,
@@ -56,7 +56,7 @@ from engine.backends import (
     validation_input,
     write_json,
 )
-from engine.checkpoint import (
+from engine.io.checkpoint import (
     DEFAULT_CHECKPOINT_URL,
     TINY_UNTRAINED,
     CheckpointError,
@@ -65,7 +65,7 @@ from engine.checkpoint import (
     resolve_checkpoint,
 )
 from engine.network import SharpOutput
-from engine.pipeline import resolve_device
+from engine.runtime.predictor import resolve_device
 
 logger = logging.getLogger("sharp-runpod.build-engine")
 

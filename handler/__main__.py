@@ -14,7 +14,7 @@ import sys
 import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
-from engine.checkpoint import CheckpointError
+from engine.io.checkpoint import CheckpointError
 
 from .model import DeviceError, load_predictor
 from .settings import SettingsError, WorkerSettings

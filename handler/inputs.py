@@ -11,8 +11,8 @@ from typing import Any
 from runpod.serverless.utils.rp_validator import validate
 
 from .fetch import FetchPolicy, fetch
-from engine.formats.spz import DEFAULT_VERSION as SPZ_DEFAULT_VERSION
-from engine.formats.spz import VERSIONS as SPZ_VERSIONS
+from engine.splats.formats.spz import DEFAULT_VERSION as SPZ_DEFAULT_VERSION
+from engine.splats.formats.spz import VERSIONS as SPZ_VERSIONS
 
 from .outputs import FORMATS, PLY_LAYOUTS, OutputRequest
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.checkpoint import HF_DEFAULT_FILENAME
-from engine.pipeline import SharpPredictor
+from engine.io.checkpoint import HF_DEFAULT_FILENAME
+from engine.runtime.predictor import SharpPredictor
 
 from .settings import WorkerSettings
 

@@ -1,6 +1,6 @@
 """Turning a prediction into the file the client asked for, and getting it to the client.
 
-Encoding is `engine.formats.encode` (ply, spz, splat), after optional pruning. Delivery
+Encoding is `engine.splats.formats.encode` (ply, spz, splat), after optional pruning. Delivery
 decides between inline base64 and a bucket URL, and enforces the inline limit itself:
 RunPod drops a result over its limit yet reports the job COMPLETED.
 """
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from engine.formats import FORMATS, EncodedSplat
-from engine.formats import encode as encode_splat
-from engine.pipeline import Prediction
-from engine.pruning import prune
+from engine.splats.formats import FORMATS, EncodedSplat
+from engine.splats.formats import encode as encode_splat
+from engine.runtime.predictor import Prediction
+from engine.splats.pruning import prune
 
 from .settings import BUCKET_ENV
 from .storage import ResultBucket

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.checkpoint import cache_dir
-from engine.images import DEFAULT_MAX_PIXELS
+from engine.io.checkpoint import cache_dir
+from engine.io.images import DEFAULT_MAX_PIXELS
 
 # RunPod's job-done call, and with it a /runsync response, carries at most 20 MB
 # (docs.runpod.io/serverless/endpoints/operations). A larger result is dropped by the

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from engine.images import ImageDecodeError, decode_image
-from engine.pipeline import SharpPredictor
+from engine.io.images import ImageDecodeError, decode_image
+from engine.runtime.predictor import SharpPredictor
 
 from .fetch import FetchError, FetchPolicy
 from .inputs import InputError, JobRequest, image_bytes, parse_request

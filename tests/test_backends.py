@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.backends import (
+from engine.runtime.backends import (
     BLOCKS,
     DEFAULT_FP32_BLOCKS,
     Backend,
@@ -37,10 +37,10 @@ from engine.backends import (
     tolerances_for,
     validation_input,
 )
-from engine.checkpoint import TINY_UNTRAINED, build_untrained
+from engine.io.checkpoint import TINY_UNTRAINED, build_untrained
 from engine.network import SharpOutput
-from engine.pipeline import SharpPredictor
-from engine.staging import InputStaging, to_host
+from engine.runtime.predictor import SharpPredictor
+from engine.runtime.staging import InputStaging, to_host
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TENSORRT = importlib.util.find_spec("torch_tensorrt") is not None
@@ -358,7 +358,7 @@ def test_predictor_on_cpu_serves_eager_fp32_and_reports(tmp_path, monkeypatch):
 
 
 def _tiny_info(network):
-    from engine.checkpoint import CheckpointInfo
+    from engine.io.checkpoint import CheckpointInfo
 
     return CheckpointInfo(TINY_UNTRAINED, None, network.config, untrained=True)
 

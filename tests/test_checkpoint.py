@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import (
+from engine.io.checkpoint import (
     TINY_UNTRAINED,
     CheckpointError,
     build_untrained,
@@ -22,7 +22,7 @@ from engine.checkpoint import (
     load_network,
     resolve_checkpoint,
 )
-from engine.config import SharpConfig
+from engine.network.config import SharpConfig
 from engine.network import UNUSED_CHECKPOINT_PREFIXES
 
 
@@ -40,7 +40,7 @@ def test_official_shapes_load_without_copying(official_checkpoint, official_shap
     # In a fresh process, so the peak resident memory is the loader's alone.
     # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork and exec.
     script = (
-        "import re, sys; from engine.checkpoint import load_network; "
+        "import re, sys; from engine.io.checkpoint import load_network; "
         "model, info = load_network(sys.argv[1]); "
         "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
         "print(sum(p.numel() for p in model.parameters()), int(hwm) * 1024)"
@@ -222,7 +222,7 @@ def test_download_failure_is_clear(tmp_path):
 
 
 def test_hugging_face_reference(monkeypatch, tmp_path):
-    import engine.checkpoint as checkpoint
+    import engine.io.checkpoint as checkpoint
 
     seen = []
     monkeypatch.setattr(checkpoint, "download", lambda url, target: seen.append((url, target)))

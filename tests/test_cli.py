@@ -104,7 +104,7 @@ def test_official_shapes_through_the_cli(tmp_path, official_checkpoint, golden_d
 
 
 def test_compact_format_with_pruning(tmp_path):
-    from engine.formats.spz import read_spz
+    from engine.splats.formats.spz import read_spz
 
     result = run_cli(
         "predict", SAMPLE, "-o", str(tmp_path), "--checkpoint", "tiny-untrained", "--device", "cpu",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.backends import (
+from engine.runtime.backends import (
     DEFAULT_FP32_BLOCKS,
     PrecisionPlan,
     network_from_program,
@@ -26,7 +26,7 @@ from engine.backends import (
     reference_output,
     validation_input,
 )
-from engine.checkpoint import TINY_UNTRAINED, build_untrained, load_network
+from engine.io.checkpoint import TINY_UNTRAINED, build_untrained, load_network
 from engine.network import SharpOutput
 from export.apple_parity import apple_available, compare_with_apple
 from export.build_engine import (

@@ -1,4 +1,4 @@
-"""Tests for engine.formats: .spz and .splat bytes against their specifications, round trips
+"""Tests for engine.splats.formats: .spz and .splat bytes against their specifications, round trips
 within each format's quantization, axis conventions, determinism and the `encode` registry.
 
 Quantization each round trip allows (half a step, plus float32 rounding):
@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.composer import linear_to_srgb
-from engine.formats import FORMATS, EncodedSplat, encode
-from engine.formats.common import SH_C0
-from engine.formats.splat import read_splat, write_splat
-from engine.formats.spz import (
+from engine.splats.color import linear_to_srgb
+from engine.splats.formats import FORMATS, EncodedSplat, encode
+from engine.splats.formats.common import SH_C0
+from engine.splats.formats.splat import read_splat, write_splat
+from engine.splats.formats.spz import (
     FRACTIONAL_BITS,
     MAGIC,
     SpzHeader,
@@ -38,7 +38,7 @@ from engine.formats.spz import (
     rub_to_rdf,
     write_spz,
 )
-from engine.gaussians import Gaussians
+from engine.splats.gaussians import Gaussians
 
 CAMERA = {"image_width": 640, "image_height": 480, "focal_length_px": 500.0}
 EPS = 1e-6
@@ -74,7 +74,7 @@ def unit(q: torch.Tensor) -> torch.Tensor:
 
 def zstd_available() -> bool:
     try:
-        from engine.formats.spz import _zstd
+        from engine.splats.formats.spz import _zstd
 
         _zstd()
     except ImportError:
@@ -257,7 +257,7 @@ def test_spz_v2_payload_matches_the_specification_byte_for_byte() -> None:
 
 @NEEDS_ZSTD
 def test_spz_v4_container_matches_the_specification() -> None:
-    from engine.formats.spz import _zstd
+    from engine.splats.formats.spz import _zstd
 
     data = write_spz(golden_gaussians(), version=4)
     assert data[:32] == bytes.fromhex(
@@ -537,7 +537,7 @@ def test_encode_describes_each_format() -> None:
 
 
 def test_encode_ply_delegates_to_engine_ply() -> None:
-    ply = pytest.importorskip("engine.ply")
+    ply = pytest.importorskip("engine.splats.formats.ply")
     g = random_gaussians(50)
     for layout in ("standard", "sharp"):
         encoded = encode(g, "ply", **CAMERA, ply_layout=layout)

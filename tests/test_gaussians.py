@@ -1,4 +1,4 @@
-"""Tests for the geometric post-processing in engine.gaussians: unprojection and the closed-form
+"""Tests for the geometric post-processing in engine.splats.gaussians: unprojection and the closed-form
 covariance factorization, against independent formulas, torch.linalg and the golden data."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import gaussians as gaussians_module
-from engine.gaussians import (
+from engine.splats import gaussians as gaussians_module
+from engine.splats.gaussians import (
     Gaussians,
     covariances_from,
     decompose_covariances,

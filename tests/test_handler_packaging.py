@@ -14,7 +14,7 @@ import pytest
 import torch
 from handler_support import REPO
 
-from engine.images import decode_image
+from engine.io.images import decode_image
 from handler.inputs import decode_base64_image, parse_request
 from handler.settings import WorkerSettings
 

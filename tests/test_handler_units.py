@@ -17,9 +17,9 @@ import torch
 from handler_support import ImageHost, moto_s3, png_bytes
 from runpod.serverless.modules.rp_job import run_job
 
-from engine.formats import EncodedSplat
-from engine.gaussians import Gaussians
-from engine.pipeline import Prediction
+from engine.splats.formats import EncodedSplat
+from engine.splats.gaussians import Gaussians
+from engine.runtime.predictor import Prediction
 from handler import model as handler_model
 from handler.fetch import FetchError, FetchPolicy, fetch, is_public_address
 from handler.inputs import InputError, decode_base64_image, parse_request

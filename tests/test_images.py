@@ -1,4 +1,4 @@
-"""Tests for engine.images: formats, colour modes, orientation, focal length, limits, errors."""
+"""Tests for engine.io.images: formats, colour modes, orientation, focal length, limits, errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pillow_heif
 import pytest
 from PIL import Image, ImageCms, ImageFile, ImageOps, TiffImagePlugin
 
-from engine.images import (
+from engine.io.images import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
     ImageDecodeError,

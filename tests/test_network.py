@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.composer import inverse_softplus, linear_to_srgb, srgb_to_linear
-from engine.config import SharpConfig
-from engine.monodepth import merge_tiles, split_into_tiles
+from engine.network.composer import inverse_softplus
+from engine.splats.color import linear_to_srgb, srgb_to_linear
+from engine.network.config import SharpConfig
+from engine.network.monodepth import merge_tiles, split_into_tiles
 from engine.network import UNUSED_CHECKPOINT_PREFIXES, SharpNetwork
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.gaussians import Gaussians, covariances_from, postprocess
-from engine.images import decode_image
-from engine.pipeline import SharpPredictor, network_gaussians
-from engine.ply import write_ply
+from engine.splats.gaussians import Gaussians, covariances_from, postprocess
+from engine.io.images import decode_image
+from engine.runtime.predictor import SharpPredictor, network_gaussians
+from engine.splats.formats.ply import write_ply
 
 from conftest import load_case
 

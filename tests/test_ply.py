@@ -1,4 +1,4 @@
-"""Tests for engine.ply: the golden reference files, both layouts as independent readers see
+"""Tests for engine.splats.formats.ply: the golden reference files, both layouts as independent readers see
 them (plyfile; antimatter15's splat viewer), round trips and the strict reader."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.gaussians import Gaussians, covariances_from, postprocess
-from engine.ply import (
+from engine.splats.gaussians import Gaussians, covariances_from, postprocess
+from engine.splats.formats.ply import (
     OPACITY_EPS,
     SH_C0,
     VERTEX_PROPERTIES,

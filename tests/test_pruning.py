@@ -1,4 +1,4 @@
-"""Tests for engine.pruning: exact opacity cuts, exact top-K by importance with index
+"""Tests for engine.splats.pruning: exact opacity cuts, exact top-K by importance with index
 tie-breaks, original order, the importance formula against a direct projection, and argument
 validation."""
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.gaussians import Gaussians
-from engine.pruning import VIEWER_DILATION_PX2, importance, prune
+from engine.splats.gaussians import Gaussians
+from engine.splats.pruning import VIEWER_DILATION_PX2, importance, prune
 
 FOCAL = 800.0
 

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .gaussians import Gaussians
+from engine.splats.gaussians import Gaussians
 
 
 class InputStaging:

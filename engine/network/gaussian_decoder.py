@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import SharpConfig
-from .layers import FeatureFusionBlock, MultiresConvDecoder, norm_relu_conv_residual
+from engine.network.config import SharpConfig
+from engine.network.layers import FeatureFusionBlock, MultiresConvDecoder, norm_relu_conv_residual
 
 
 class SkipConv(nn.Module):

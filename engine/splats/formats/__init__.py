@@ -1,9 +1,9 @@
 """Splat file formats behind one entry point: `encode(gaussians, "spz", ...)`.
 
-  * "ply": the 3DGS .ply that most tools read (engine.ply): 14 float32 (56 bytes) a Gaussian.
-  * "spz": Niantic's compressed format (engine.formats.spz): 20 bytes a Gaussian before
+  * "ply": the 3DGS .ply that most tools read (engine.splats.formats.ply): 14 float32 (56 bytes) a Gaussian.
+  * "spz": Niantic's compressed format (engine.splats.formats.spz): 20 bytes a Gaussian before
     compression, about 4x smaller than the .ply after it; quantized (positions to 0.24 mm).
-  * "splat": antimatter15's 32-byte rows (engine.formats.splat): exact positions and scales,
+  * "splat": antimatter15's 32-byte rows (engine.splats.formats.splat): exact positions and scales,
     8-bit colours and rotations; 1.75x smaller than the .ply.
 
 None of them has a registered media type, so all are served as application/octet-stream. A
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..gaussians import Gaussians
-from .splat import write_splat
-from .spz import DEFAULT_VERSION, write_spz
+from engine.splats.gaussians import Gaussians
+from engine.splats.formats.splat import write_splat
+from engine.splats.formats.spz import DEFAULT_VERSION, write_spz
 
 FORMATS: tuple[str, ...] = ("ply", "spz", "splat")
 MEDIA_TYPE = "application/octet-stream"
@@ -47,7 +47,7 @@ def encode(
     module docstring says how it maps axes and colours.
     """
     if format == "ply":
-        from ..ply import write_ply  # engine.ply owns the .ply layouts
+        from engine.splats.formats.ply import write_ply  # engine.splats.formats.ply owns the .ply layouts
 
         data = write_ply(
             gaussians,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ViTConfig
+from engine.network.config import ViTConfig
 
 LAYER_NORM_EPS = 1e-6
 

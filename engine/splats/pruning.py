@@ -12,7 +12,7 @@ import operator
 
 import torch
 
-from .gaussians import Gaussians
+from engine.splats.gaussians import Gaussians
 
 # The low-pass filter viewers apply: 0.3 px² added to the diagonal of each projected covariance
 # (3DGS, gsplat's eps2d, antimatter15 and Spark), so nothing renders smaller than about a pixel.

@@ -50,8 +50,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from ..gaussians import Gaussians
-from .common import (
+from engine.splats.gaussians import Gaussians
+from engine.splats.formats.common import (
     SH_C0,
     dc_coefficients,
     linear_colors,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.splats.color import srgb_to_linear
+
 # Depth normalization: the nearest point is put at depth 1, everything is clamped at 100.
 DEPTH_MIN, DEPTH_MAX = 1.0, 100.0
 # Per-attribute factors on the deltas (mean xy, mean z, color), fixed by training.
@@ -68,17 +70,6 @@ def base_gaussians(image: torch.Tensor, depth: torch.Tensor) -> tuple[BaseGaussi
 def inverse_softplus(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     x = x.clamp_min(eps)
     return x + torch.log(-torch.expm1(-x))
-
-
-def srgb_to_linear(srgb: torch.Tensor) -> torch.Tensor:
-    # Clamp the power branch's input so the unused branch never sees a negative base.
-    power = ((srgb.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4
-    return torch.where(srgb <= 0.04045, srgb / 12.92, power)
-
-
-def linear_to_srgb(linear: torch.Tensor) -> torch.Tensor:
-    power = 1.055 * linear.clamp_min(0.0031308) ** (1 / 2.4) - 0.055
-    return torch.where(linear <= 0.0031308, linear * 12.92, power)
 
 
 _SCALE_SLOPE = (SCALE_MAX - SCALE_MIN) / (1 - SCALE_MIN) / (SCALE_MAX - 1)

@@ -12,10 +12,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .composer import base_gaussians, compose
-from .config import SharpConfig
-from .gaussian_decoder import DeltaPredictionHead, GaussianDecoder
-from .monodepth import MonodepthModel
+from engine.network.composer import base_gaussians, compose
+from engine.network.config import SharpConfig
+from engine.network.gaussian_decoder import DeltaPredictionHead, GaussianDecoder
+from engine.network.monodepth import MonodepthModel
 
 # Disparity is clamped to this range before it is inverted to depth.
 DISPARITY_RANGE = (1e-4, 1e4)
@@ -30,7 +30,7 @@ UNUSED_CHECKPOINT_PREFIXES = (
 
 
 class SharpOutput(NamedTuple):
-    """Gaussians in the network's NDC-like camera space (see `engine.composer`)."""
+    """Gaussians in the network's NDC-like camera space (see `engine.network.composer`)."""
 
     means: torch.Tensor  # (B, N, 3)
     scales: torch.Tensor  # (B, N, 3)

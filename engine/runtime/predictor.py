@@ -16,18 +16,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import staging
-from .backends import (
+from engine.runtime import staging
+from engine.runtime.backends import (
     BackendContext,
     BackendRuntime,
     BackendSettings,
     EagerBackend,
     candidate_backends,
 )
-from .checkpoint import CheckpointInfo, load_network
-from .gaussians import Gaussians, postprocess
-from .images import DecodedImage, decode_image
-from .network import SharpNetwork, SharpOutput
+from engine.io.checkpoint import CheckpointInfo, load_network
+from engine.splats.gaussians import Gaussians, postprocess
+from engine.io.images import DecodedImage, decode_image
+from engine.network import SharpNetwork, SharpOutput
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class SharpPredictor:
         precision: str | None = None,
         settings: BackendSettings | None = None,
     ) -> SharpPredictor:
-        """Load the checkpoint and choose a backend (see `engine.backends`).
+        """Load the checkpoint and choose a backend (see `engine.runtime.backends`).
 
         backend/precision default to SHARP_BACKEND / SHARP_PRECISION (auto; fp16 on CUDA, fp32
         on the CPU); `settings` replaces the environment altogether.

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .composer import linear_to_srgb, srgb_to_linear
-from .gaussians import Gaussians
+from engine.splats.color import linear_to_srgb, srgb_to_linear
+from engine.splats.gaussians import Gaussians
 
 Layout = Literal["standard", "sharp"]
 

@@ -37,9 +37,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.export.passes import move_to_device_pass
 
-from .checkpoint import CheckpointInfo, cache_dir, file_digest
-from .gaussians import covariances_from
-from .network import SharpNetwork, SharpOutput
+from engine.io.checkpoint import CheckpointInfo, cache_dir, file_digest
+from engine.splats.gaussians import covariances_from
+from engine.network import SharpNetwork, SharpOutput
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ DEFAULT_FP32_BLOCKS = (f"{_PREDICTOR}.head", "prediction_head")
 BLOCK_BUDGET = 0.25
 
 # The validation photo is square with focal length = width / 2: for it the metric Gaussians
-# (engine.gaussians.unproject scales by w / 2f and h / 2f) are exactly the network's output.
+# (engine.splats.gaussians.unproject scales by w / 2f and h / 2f) are exactly the network's output.
 VALIDATION_DISPARITY_FACTOR = 0.5
 
 ENGINE_FORMAT = 1  # bump when the saved engine's calling convention changes
@@ -384,22 +384,11 @@ def checkpoint_digest(info: CheckpointInfo) -> str:
 
 
 # The modules whose code decides what the network computes: a change invalidates artifacts.
-_NETWORK_SOURCES = (
-    "backends.py",
-    "composer.py",
-    "config.py",
-    "gaussian_decoder.py",
-    "layers.py",
-    "monodepth.py",
-    "network.py",
-    "vit.py",
-)
-
-
 def network_source_digest() -> str:
+    """A digest of the network package's source (placeholder until graph hashing)."""
     sha = hashlib.sha256()
-    for name in _NETWORK_SOURCES:
-        sha.update((Path(__file__).parent / name).read_bytes())
+    for path in sorted((Path(__file__).parents[1] / "network").glob("*.py")):
+        sha.update(path.read_bytes())
     return sha.hexdigest()[:16]
 
 

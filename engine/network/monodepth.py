@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SharpConfig
-from .layers import MultiresConvDecoder, conv_transpose_2x
-from .vit import VisionTransformer
+from engine.network.config import SharpConfig
+from engine.network.layers import MultiresConvDecoder, conv_transpose_2x
+from engine.network.vit import VisionTransformer
 
 
 def split_into_tiles(image: torch.Tensor, tile_size: int, overlap: float) -> torch.Tensor:

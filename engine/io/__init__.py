@@ -1,0 +1,1 @@
+"""Inputs from outside: image decoding and checkpoint loading."""

@@ -1,0 +1,1 @@
+"""Running the network: settings, precision, validation, compiled artifacts, backends, staging and the predictor."""

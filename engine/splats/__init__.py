@@ -1,0 +1,1 @@
+"""Gaussians after the network: geometry, colour, pruning and every file format."""
