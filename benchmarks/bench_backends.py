@@ -27,6 +27,9 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.io.checkpoint import CheckpointInfo
+from engine.network import SharpNetwork
+from engine.network.config import SharpConfig
 from engine.runtime.backends import (
     BACKEND_ORDER,
     PRECISIONS,
@@ -34,9 +37,6 @@ from engine.runtime.backends import (
     gpu_identity,
     validation_input,
 )
-from engine.io.checkpoint import CheckpointInfo
-from engine.network.config import SharpConfig
-from engine.network import SharpNetwork
 from engine.runtime.predictor import SharpPredictor
 from engine.splats.formats.ply import write_ply
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from engine.io.checkpoint import build_untrained
-from engine.network.config import SharpConfig
 from engine.network import SharpNetwork
+from engine.network.config import SharpConfig
 
 ROUNDS = 1  # one forward is ~1.5 minutes on 2 cores
 

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.splats.formats.ply import SH_C0, VERTEX_PROPERTIES, read_ply, write_ply
 from engine.splats.gaussians import (
     Gaussians,
     covariances_from,
@@ -32,7 +33,6 @@ from engine.splats.gaussians import (
     quaternions_from_rotations,
     rotations_from_quaternions,
 )
-from engine.splats.formats.ply import SH_C0, VERTEX_PROPERTIES, read_ply, write_ply
 
 GRID = 768  # Gaussians per side and layer: SHARP's 1536 px internal image at stride 2
 LAYERS = 2

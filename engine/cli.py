@@ -12,10 +12,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine.io.checkpoint import DEFAULT_CHECKPOINT_URL, TINY_UNTRAINED, CheckpointError
-from engine.splats.formats import FORMATS, encode
-from engine.splats.formats.spz import DEFAULT_VERSION, VERSIONS
+from engine.results import PLY_LAYOUTS, OutputOptions, encode_prediction
 from engine.runtime.predictor import SharpPredictor
-from engine.splats.pruning import prune
+from engine.splats.formats import FORMATS
+from engine.splats.formats.spz import DEFAULT_VERSION, VERSIONS
 
 logger = logging.getLogger("sharp-runpod")
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--ply-layout",
         default="standard",
-        choices=["standard", "sharp"],
+        choices=PLY_LAYOUTS,
         help="standard: vertex element only, read by every viewer; sharp: Apple's layout with "
         "camera metadata elements",
     )
@@ -109,6 +109,13 @@ def run_predict(args: argparse.Namespace) -> int:
     except (CheckpointError, RuntimeError) as error:
         logger.error("%s", error)
         return 2
+    options = OutputOptions(
+        format=args.format,
+        ply_layout=args.ply_layout,
+        spz_version=args.spz_version,
+        max_gaussians=args.max_gaussians,
+        min_opacity=args.min_opacity,
+    )
     label = " [UNTRAINED tiny model: not a real reconstruction]" if predictor.checkpoint.untrained else ""
     failures = 0
     progress = tqdm(images, unit="image", disable=len(images) < 2)
@@ -116,21 +123,8 @@ def run_predict(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         try:
             prediction = predictor.predict(path.read_bytes(), focal_length_px=args.focal_px)
-            gaussians = prune(
-                prediction.gaussians,
-                min_opacity=args.min_opacity,
-                max_gaussians=args.max_gaussians,
-                focal_length_px=prediction.focal_length_px,
-            )
-            encoded = encode(
-                gaussians,
-                args.format,
-                image_width=prediction.image_width,
-                image_height=prediction.image_height,
-                focal_length_px=prediction.focal_length_px,
-                ply_layout=args.ply_layout,
-                spz_version=args.spz_version,
-            )
+            result = encode_prediction(prediction, options)
+            encoded = result.splat
             target = args.output / stem.parent / (stem.name + encoded.extension)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(encoded.data)
@@ -138,9 +132,9 @@ def run_predict(args: argparse.Namespace) -> int:
             failures += 1
             tqdm.write(f"{path}: FAILED: {error}", file=sys.stderr)
             continue
-        kept = "" if len(gaussians) == len(prediction.gaussians) else f" (of {len(prediction.gaussians):,})"
+        kept = "" if result.num_gaussians == len(prediction.gaussians) else f" (of {len(prediction.gaussians):,})"
         tqdm.write(
-            f"{path}: {len(gaussians):,} Gaussians{kept}, "
+            f"{path}: {result.num_gaussians:,} Gaussians{kept}, "
             f"{prediction.image_width}x{prediction.image_height}, "
             f"focal {prediction.focal_length_px:.1f} px ({prediction.focal_length_source}), "
             f"{time.perf_counter() - start:.2f} s -> {target}{label}"

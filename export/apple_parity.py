@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from engine.io.checkpoint import read_state_dict
+from engine.network import SharpNetwork
 from engine.runtime.backends import (
     GOLDEN_TOLERANCES,
     exceeded,
@@ -25,10 +27,8 @@ from engine.runtime.backends import (
     reference_output,
     validation_input,
 )
-from engine.io.checkpoint import read_state_dict
-from engine.splats.gaussians import covariances_from, postprocess
-from engine.network import SharpNetwork
 from engine.runtime.predictor import network_gaussians
+from engine.splats.gaussians import covariances_from, postprocess
 
 logger = logging.getLogger(__name__)
 

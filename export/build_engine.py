@@ -32,6 +32,15 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
+from engine.io.checkpoint import (
+    DEFAULT_CHECKPOINT_URL,
+    TINY_UNTRAINED,
+    CheckpointError,
+    cache_dir,
+    load_network,
+    resolve_checkpoint,
+)
+from engine.network import SharpOutput
 from engine.runtime.backends import (
     DEFAULT_FP32_BLOCKS,
     PRECISIONS,
@@ -56,15 +65,6 @@ from engine.runtime.backends import (
     validation_input,
     write_json,
 )
-from engine.io.checkpoint import (
-    DEFAULT_CHECKPOINT_URL,
-    TINY_UNTRAINED,
-    CheckpointError,
-    cache_dir,
-    load_network,
-    resolve_checkpoint,
-)
-from engine.network import SharpOutput
 from engine.runtime.predictor import resolve_device
 
 logger = logging.getLogger("sharp-runpod.build-engine")

@@ -10,11 +10,12 @@ from typing import Any
 
 from runpod.serverless.utils.rp_validator import validate
 
-from .fetch import FetchPolicy, fetch
+from engine.results import PLY_LAYOUTS, OutputOptions
+from engine.splats.formats import FORMATS
 from engine.splats.formats.spz import DEFAULT_VERSION as SPZ_DEFAULT_VERSION
 from engine.splats.formats.spz import VERSIONS as SPZ_VERSIONS
 
-from .outputs import FORMATS, PLY_LAYOUTS, OutputRequest
+from .fetch import FetchPolicy, fetch
 
 DELIVERIES = ("inline", "url")
 
@@ -104,7 +105,7 @@ class JobRequest:
     image: str | None
     image_url: str | None
     focal_length_px: float | None
-    output: OutputRequest
+    output: OutputOptions
     delivery: str | None  # None: inline when it fits, else a URL when a bucket is configured
 
 
@@ -126,7 +127,7 @@ def parse_request(job_input: Any) -> JobRequest:
         image=fields["image"],
         image_url=fields["image_url"],
         focal_length_px=fields["focal_length_px"],
-        output=OutputRequest(
+        output=OutputOptions(
             format=fields["output_format"],
             ply_layout=fields["ply_layout"],
             spz_version=fields["spz_version"],

@@ -8,58 +8,28 @@ RunPod drops a result over its limit yet reports the job COMPLETED.
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from engine.splats.formats import FORMATS, EncodedSplat
-from engine.splats.formats import encode as encode_splat
+from engine.results import EmptyResultError, OutputOptions, encode_prediction
 from engine.runtime.predictor import Prediction
-from engine.splats.pruning import prune
+from engine.splats.formats import FORMATS, EncodedSplat
 
 from .settings import BUCKET_ENV
 from .storage import ResultBucket
-
-PLY_LAYOUTS = ("standard", "sharp")
-
-
-@dataclass(frozen=True)
-class OutputRequest:
-    format: str  # one of FORMATS; also the key of the inline payload ("ply": "<base64>")
-    ply_layout: str
-    spz_version: int
-    max_gaussians: int | None
-    min_opacity: float | None
 
 
 class DeliveryError(ValueError):
     """The result cannot be delivered the way it was asked for; meant for the client."""
 
 
-def encode(prediction: Prediction, request: OutputRequest) -> tuple[EncodedSplat, int]:
+def encode(prediction: Prediction, options: OutputOptions) -> tuple[EncodedSplat, int]:
     """The encoded file and how many Gaussians it holds."""
-    gaussians = prediction.gaussians
-    if request.max_gaussians is not None or request.min_opacity is not None:
-        gaussians = prune(
-            gaussians,
-            min_opacity=request.min_opacity,
-            max_gaussians=request.max_gaussians,
-            focal_length_px=prediction.focal_length_px,
-        )
-        if len(gaussians) == 0:
-            raise DeliveryError(
-                f"min_opacity={request.min_opacity} leaves no Gaussian to return; use a lower value"
-            )
-    encoded = encode_splat(
-        gaussians,
-        request.format,
-        image_width=prediction.image_width,
-        image_height=prediction.image_height,
-        focal_length_px=prediction.focal_length_px,
-        ply_layout=request.ply_layout,
-        spz_version=request.spz_version,
-    )
-    return encoded, len(gaussians)
+    try:
+        result = encode_prediction(prediction, options)
+    except EmptyResultError as error:
+        raise DeliveryError(str(error)) from None
+    return result.splat, result.num_gaussians
 
 
 def base64_size(num_bytes: int) -> int:

@@ -17,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.io.checkpoint import TINY_UNTRAINED, build_untrained
+from engine.network import SharpOutput
 from engine.runtime.backends import (
     BLOCKS,
     DEFAULT_FP32_BLOCKS,
@@ -37,8 +39,6 @@ from engine.runtime.backends import (
     tolerances_for,
     validation_input,
 )
-from engine.io.checkpoint import TINY_UNTRAINED, build_untrained
-from engine.network import SharpOutput
 from engine.runtime.predictor import SharpPredictor
 from engine.runtime.staging import InputStaging, to_host
 

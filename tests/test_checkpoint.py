@@ -22,8 +22,8 @@ from engine.io.checkpoint import (
     load_network,
     resolve_checkpoint,
 )
-from engine.network.config import SharpConfig
 from engine.network import UNUSED_CHECKPOINT_PREFIXES
+from engine.network.config import SharpConfig
 
 
 def test_tiny_checkpoint_loads_with_golden_weights(tiny_checkpoint, make_weights, tiny_shapes):

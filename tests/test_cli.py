@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import load_case
 from test_parity import assert_covariances_close, assert_means_close, covariance6, vertex_rows
 

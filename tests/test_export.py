@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.io.checkpoint import TINY_UNTRAINED, build_untrained, load_network
+from engine.network import SharpOutput
 from engine.runtime.backends import (
     DEFAULT_FP32_BLOCKS,
     PrecisionPlan,
@@ -26,8 +28,6 @@ from engine.runtime.backends import (
     reference_output,
     validation_input,
 )
-from engine.io.checkpoint import TINY_UNTRAINED, build_untrained, load_network
-from engine.network import SharpOutput
 from export.apple_parity import apple_available, compare_with_apple
 from export.build_engine import (
     MANIFEST_NAME,

@@ -27,9 +27,9 @@ from handler_support import (
 )
 from PIL import Image
 
-from engine.splats.formats.spz import read_spz
 from engine.runtime.predictor import SharpPredictor
 from engine.splats.formats.ply import read_ply, vertex_rows
+from engine.splats.formats.spz import read_spz
 from handler.inputs import parse_request
 from handler.outputs import base64_size, encode
 from handler.settings import DEFAULT_MAX_INLINE_BYTES

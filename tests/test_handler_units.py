@@ -17,14 +17,15 @@ import torch
 from handler_support import ImageHost, moto_s3, png_bytes
 from runpod.serverless.modules.rp_job import run_job
 
+from engine.results import OutputOptions
+from engine.runtime.predictor import Prediction
 from engine.splats.formats import EncodedSplat
 from engine.splats.gaussians import Gaussians
-from engine.runtime.predictor import Prediction
 from handler import model as handler_model
 from handler.fetch import FetchError, FetchPolicy, fetch, is_public_address
 from handler.inputs import InputError, decode_base64_image, parse_request
 from handler.model import checkpoint_spec, find_in_hf_cache, is_device_fault
-from handler.outputs import DeliveryError, OutputRequest, base64_size, deliver, encode
+from handler.outputs import DeliveryError, base64_size, deliver, encode
 from handler.settings import DEFAULT_MAX_INLINE_BYTES, SettingsError, WorkerSettings
 from handler.storage import ResultBucket, UploadError
 from handler.worker import SharpWorker
@@ -100,7 +101,7 @@ def test_parse_request_defaults_and_int_focal_length():
     request = parse_request({"image": "abc", "focal_length_px": 800})
     assert parse_request({"image": "abc", "min_opacity": 0}).output.min_opacity == 0.0
     assert request.focal_length_px == 800.0 and isinstance(request.focal_length_px, float)
-    assert request.output == OutputRequest("ply", "standard", 3, None, None)
+    assert request.output == OutputOptions("ply", "standard", 3, None, None)
     assert request.delivery is None
 
 
@@ -342,13 +343,13 @@ def synthetic_prediction(n: int = 64) -> Prediction:
 
 
 def test_pruned_encoding_counts_what_it_keeps():
-    output, count = encode(synthetic_prediction(), OutputRequest("splat", "standard", 3, 10, None))
+    output, count = encode(synthetic_prediction(), OutputOptions("splat", "standard", 3, 10, None))
     assert output.format == "splat" and count == 10 and len(output.data) == 10 * 32
 
 
 def test_pruning_away_everything_is_the_clients_error():
     with pytest.raises(DeliveryError, match="min_opacity=0.99 leaves no Gaussian"):
-        encode(synthetic_prediction(), OutputRequest("spz", "standard", 3, None, 0.99))
+        encode(synthetic_prediction(), OutputOptions("spz", "standard", 3, None, 0.99))
 
 
 # --- model loading --------------------------------------------------------------------------
@@ -435,5 +436,5 @@ def test_spz_version_is_validated_and_applied():
     assert parse_request({"image": "aGk="}).output.spz_version == 3
     with pytest.raises(InputError, match="spz_version"):
         parse_request({"image": "aGk=", "spz_version": 1})
-    output, _ = encode(synthetic_prediction(), OutputRequest("spz", "standard", 4, None, None))
+    output, _ = encode(synthetic_prediction(), OutputOptions("spz", "standard", 4, None, None))
     assert output.data[:4] == b"NGSP"  # version 4 has a plain header; 2 and 3 are gzip

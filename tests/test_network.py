@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.network import UNUSED_CHECKPOINT_PREFIXES, SharpNetwork
 from engine.network.composer import inverse_softplus
-from engine.splats.color import linear_to_srgb, srgb_to_linear
 from engine.network.config import SharpConfig
 from engine.network.monodepth import merge_tiles, split_into_tiles
-from engine.network import UNUSED_CHECKPOINT_PREFIXES, SharpNetwork
+from engine.splats.color import linear_to_srgb, srgb_to_linear
 
 
 def used_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

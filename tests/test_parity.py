@@ -10,13 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import load_case
 
-from engine.splats.gaussians import Gaussians, covariances_from, postprocess
 from engine.io.images import decode_image
 from engine.runtime.predictor import SharpPredictor, network_gaussians
 from engine.splats.formats.ply import write_ply
-
-from conftest import load_case
+from engine.splats.gaussians import Gaussians, covariances_from, postprocess
 
 SH_C0 = 0.28209479177387814
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine.splats.gaussians import Gaussians, covariances_from, postprocess
 from engine.splats.formats.ply import (
     OPACITY_EPS,
     SH_C0,
@@ -23,6 +22,7 @@ from engine.splats.formats.ply import (
     vertex_rows,
     write_ply,
 )
+from engine.splats.gaussians import Gaussians, covariances_from, postprocess
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 GOLDEN_CASES = sorted(GOLDEN.glob("cases/*/expected.npz"))

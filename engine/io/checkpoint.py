@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.network.config import SharpConfig
 from engine.network import UNUSED_CHECKPOINT_PREFIXES, SharpNetwork
+from engine.network.config import SharpConfig
 
 logger = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from torch import nn
 from torch.export.passes import move_to_device_pass
 
 from engine.io.checkpoint import CheckpointInfo, cache_dir, file_digest
-from engine.splats.gaussians import covariances_from
 from engine.network import SharpNetwork, SharpOutput
+from engine.splats.gaussians import covariances_from
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.io.checkpoint import CheckpointInfo, load_network
+from engine.io.images import DecodedImage, decode_image
+from engine.network import SharpNetwork, SharpOutput
 from engine.runtime import staging
 from engine.runtime.backends import (
     BackendContext,
@@ -24,10 +27,7 @@ from engine.runtime.backends import (
     EagerBackend,
     candidate_backends,
 )
-from engine.io.checkpoint import CheckpointInfo, load_network
 from engine.splats.gaussians import Gaussians, postprocess
-from engine.io.images import DecodedImage, decode_image
-from engine.network import SharpNetwork, SharpOutput
 
 logger = logging.getLogger(__name__)
 

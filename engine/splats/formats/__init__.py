@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.splats.gaussians import Gaussians
 from engine.splats.formats.splat import write_splat
 from engine.splats.formats.spz import DEFAULT_VERSION, write_spz
+from engine.splats.gaussians import Gaussians
 
 FORMATS: tuple[str, ...] = ("ply", "spz", "splat")
 MEDIA_TYPE = "application/octet-stream"
@@ -47,7 +47,9 @@ def encode(
     module docstring says how it maps axes and colours.
     """
     if format == "ply":
-        from engine.splats.formats.ply import write_ply  # engine.splats.formats.ply owns the .ply layouts
+        from engine.splats.formats.ply import (
+            write_ply,  # engine.splats.formats.ply owns the .ply layouts
+        )
 
         data = write_ply(
             gaussians,

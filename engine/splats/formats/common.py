@@ -19,8 +19,13 @@ SH_C0 = 0.28209479177387814
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A float32 NumPy array on the CPU (a view when the tensor already is one)."""
-    return t.detach().to("cpu", torch.float32).numpy()
+    """A C-contiguous float32 NumPy array on the CPU (a view when the tensor already is one).
+
+    The pipeline's tensors are strided views of the network's output (a column of an (N, 14)
+    block, a transposed layout), and the writers reinterpret bytes with `.view`, which needs
+    C order: every writer reads its tensors through here, so any layout is accepted.
+    """
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
 
 
 def srgb_colors(gaussians: Gaussians) -> np.ndarray:

@@ -30,8 +30,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.splats.gaussians import Gaussians
 from engine.splats.formats.common import linear_colors, srgb_colors, to_numpy, unit_quaternions
+from engine.splats.gaussians import Gaussians
 
 ROW = np.dtype(
     [("position", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4), ("rotation", "u1", 4)]

@@ -50,7 +50,6 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from engine.splats.gaussians import Gaussians
 from engine.splats.formats.common import (
     SH_C0,
     dc_coefficients,
@@ -61,6 +60,7 @@ from engine.splats.formats.common import (
     to_uint8,
     unit_quaternions,
 )
+from engine.splats.gaussians import Gaussians
 
 MAGIC = 0x5053474E  # "NGSP" in file order
 VERSIONS = (2, 3, 4)
