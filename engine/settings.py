@@ -63,15 +63,41 @@ class Variable:
 
 
 VARIABLES: tuple[Variable, ...] = (
-    Variable("SHARP_CHECKPOINT", "Apple's URL", "local `.pt` path, `http(s)` URL, `hf://owner/repo[/file]` or `tiny-untrained`"),
+    Variable(
+        "SHARP_CHECKPOINT",
+        "Apple's URL",
+        "local `.pt` path, `http(s)` URL, `hf://owner/repo[/file]` or `tiny-untrained`",
+    ),
     Variable("SHARP_DEVICE", "`auto`", " / ".join(f"`{d}`" for d in DEVICES)),
-    Variable("SHARP_CACHE_DIR", "`/runpod-volume/sharp-cache` with a network volume, else `~/.cache/sharp-runpod`", "a folder"),
+    Variable(
+        "SHARP_CACHE_DIR",
+        "`/runpod-volume/sharp-cache` with a network volume, else `~/.cache/sharp-runpod`",
+        "a folder",
+    ),
     Variable("SHARP_BACKEND", "`auto`", " / ".join(f"`{b}`" for b in BACKENDS)),
-    Variable("SHARP_PRECISION", "`fp16` on a GPU, `fp32` on the CPU", " / ".join(f"`{p}`" for p in PRECISIONS)),
-    Variable("SHARP_FP32_BLOCKS", "disparity and prediction heads", "comma-separated block names kept in fp32 in half precision"),
-    Variable("SHARP_ENGINE_DIR", "`<cache dir>/engines`", "a folder (the network volume when mounted, so workers share engines)"),
-    Variable("SHARP_PREBUILT_ENGINE_DIR", "`/opt/sharp/engines` in the image", "a folder of artifacts from the image build (read only)"),
-    Variable("SHARP_ENGINE_BUILD", "`auto`", "`auto` (build a missing engine in a child process) / `off`"),
+    Variable(
+        "SHARP_PRECISION",
+        "`fp16` on a GPU, `fp32` on the CPU",
+        " / ".join(f"`{p}`" for p in PRECISIONS),
+    ),
+    Variable(
+        "SHARP_FP32_BLOCKS",
+        "disparity and prediction heads",
+        "comma-separated block names kept in fp32 in half precision",
+    ),
+    Variable(
+        "SHARP_ENGINE_DIR",
+        "`<cache dir>/engines`",
+        "a folder (the network volume when mounted, so workers share engines)",
+    ),
+    Variable(
+        "SHARP_PREBUILT_ENGINE_DIR",
+        "`/opt/sharp/engines` in the image",
+        "a folder of artifacts from the image build (read only)",
+    ),
+    Variable(
+        "SHARP_ENGINE_BUILD", "`auto`", "`auto` (build a missing engine in a child process) / `off`"
+    ),
     Variable("SHARP_TRT_WORKSPACE_GB", "`4`", "a number of GiB > 0: TensorRT builder workspace"),
     Variable("SHARP_MAX_PIXELS", "`40000000`", "a whole number >= 1"),
     Variable("SHARP_MAX_IMAGE_BYTES", "`25000000`", "a whole number >= 1"),
@@ -133,7 +159,9 @@ class EngineSettings:
             engine_dir=_path(env, "SHARP_ENGINE_DIR"),
             prebuilt_engine_dir=_path(env, "SHARP_PREBUILT_ENGINE_DIR"),
             engine_build=_choice(env, "SHARP_ENGINE_BUILD", ENGINE_BUILDS, "auto") == "auto",
-            trt_workspace_gb=_positive(env, "SHARP_TRT_WORKSPACE_GB", DEFAULT_TRT_WORKSPACE_GB, "GiB"),
+            trt_workspace_gb=_positive(
+                env, "SHARP_TRT_WORKSPACE_GB", DEFAULT_TRT_WORKSPACE_GB, "GiB"
+            ),
             max_pixels=_int(env, "SHARP_MAX_PIXELS", DEFAULT_MAX_PIXELS),
         )
 

@@ -20,14 +20,14 @@ import torch
 
 from engine.io.checkpoint import read_state_dict
 from engine.network import SharpNetwork
-from engine.runtime.backends import (
+from engine.runtime.predictor import network_gaussians
+from engine.runtime.validation import (
     GOLDEN_TOLERANCES,
     exceeded,
     json_errors,
     reference_output,
     validation_input,
 )
-from engine.runtime.predictor import network_gaussians
 from engine.splats.gaussians import covariances_from, postprocess
 
 logger = logging.getLogger(__name__)

@@ -1,18 +1,20 @@
-"""Build SHARP's engine artifacts: the exported program (and ONNX), and on a GPU a TensorRT engine.
+"""Build one serving artifact for SHARP: export, compile, validate, save under its key.
 
-    python export/build_engine.py [--checkpoint SPEC] [--output-dir DIR] [--onnx]
+    python export/build_engine.py [--checkpoint SPEC] [--backend auto|tensorrt|compiled|exported]
+        [--precision fp16] [--output-dir DIR] [--measure-blocks] [--onnx]
 
-Everywhere: exports the network at its fixed input (1x3x1536x1536 image, (1,) disparity
-factor) with torch.export under the precision plan the worker will use, and saves it (.pt2)
-with a manifest. On a CUDA GPU with torch-tensorrt: measures each block's half-precision
-error, compiles a TensorRT engine, validates it against the eager float32 network, and saves
-it where the worker finds it (keyed by GPU, versions and checkpoint). Where Apple's `sharp`
-package is importable, also checks parity with it on the real weights.
+The worker runs this as a child process when its engine is missing (engine.runtime.builds);
+the image build and `sharp-runpod build-engine` run it by hand. Steps: load the checkpoint,
+export the network under the precision plan with torch.export, compile it (TensorRT or
+AOTInductor on a GPU; `exported` saves the program itself), save it atomically under the
+artifact key (engine.runtime.artifacts) while holding the build lock, load it back the way the
+worker does and validate it against eager float32, and write a manifest beside it.
 
-A Docker image build has no GPU and may have no checkpoint: then this saves what it can,
-says so, and exits 0; the worker exports and compiles on its first start.
-Exit codes: 0 built (or deferred to the worker), 1 a validation or parity check failed,
-2 bad arguments or an unusable checkpoint.
+`auto` builds what a worker on this machine would serve: TensorRT or AOTInductor on a GPU.
+Without a GPU (a Docker image build) there is nothing a GPU worker could use, so it says so and
+exits 0; likewise when the checkpoint cannot be had at build time.
+Exit codes: 0 built, present or nothing to do; 1 the build or its validation failed; 2 bad
+arguments or an unusable checkpoint; 3 another live build holds the lock.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,214 +34,177 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-from engine.io.checkpoint import (
-    DEFAULT_CHECKPOINT_URL,
-    TINY_UNTRAINED,
-    CheckpointError,
-    cache_dir,
-    load_network,
-    resolve_checkpoint,
-)
+from engine.io.checkpoint import TINY_UNTRAINED, CheckpointError, load_network, resolve_checkpoint
 from engine.network import SharpOutput
-from engine.runtime.backends import (
-    DEFAULT_FP32_BLOCKS,
-    PRECISIONS,
-    BackendContext,
-    BackendRuntime,
-    BackendSettings,
-    BackendUnavailable,
-    EagerBackend,
-    PrecisionPlan,
-    TensorRTBackend,
-    exceeded,
-    export_network,
-    gpu_identity,
-    import_tensorrt,
-    json_errors,
-    mixed_network,
-    network_from_program,
-    output_errors,
-    program_filename,
+from engine.runtime.artifacts import (
+    ArtifactKey,
+    BuildLock,
+    LockHeld,
+    checkpoint_digest,
+    graph_digest,
     runtime_versions,
-    tolerances_for,
-    validation_input,
+    set_aside,
+    write_atomic,
     write_json,
 )
+from engine.runtime.backends import export_network, load_artifact, preferred_kind
+from engine.runtime.builds import EXIT_LOCK_HELD
+from engine.runtime.numerics import configure_numerics
+from engine.runtime.precision import PrecisionPlan, measure_blocks, mixed_network
 from engine.runtime.predictor import resolve_device
+from engine.runtime.tensorrt import compile_tensorrt, save_tensorrt, timing_cache_path
+from engine.runtime.validation import reference_output, validate, validation_input
+from engine.settings import DEFAULT_CHECKPOINT_URL, EngineSettings, Settings, SettingsError
 
 logger = logging.getLogger("sharp-runpod.build-engine")
 
-MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "sharp.onnx"
-NO_GPU_MESSAGE = "no GPU: saved exported program; the worker compiles on first start"
+KINDS = ("auto", "tensorrt", "compiled", "exported")
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     checkpoint: str | None = None  # None: SHARP_CHECKPOINT, else Apple's published checkpoint
-    output_dir: Path | None = None  # None: <cache_dir()>/engines
-    precision: str = "fp16"  # the precision the worker will serve in on the GPU
-    fp32_blocks: tuple[str, ...] = DEFAULT_FP32_BLOCKS
-    onnx: bool = False
+    output_dir: Path | None = None  # None: the worker's engine dir
+    backend: str = "auto"
+    precision: str | None = None  # None: what the worker serves (fp16 on CUDA, fp32 on CPU)
+    fp32_blocks: tuple[str, ...] | None = None  # None: SHARP_FP32_BLOCKS or the default set
     device: str = "auto"
-    validate: bool | None = None  # check the exported program; None: on a GPU only
+    measure_blocks: bool = False  # each block's half-precision error, into the manifest
+    onnx: bool = False
     apple_parity: str = "auto"  # auto (GPU, `sharp` importable, real checkpoint) | off | require
     require_checkpoint: bool = False  # fail instead of deferring when it cannot be had
+    expect_key: str | None = None  # the digest the launching worker computed
 
 
 @dataclass(frozen=True)
-class BuildManifest:
-    status: str  # engine | exported | deferred | failed
+class BuildResult:
+    status: str  # built | present | skipped | deferred | failed | locked
     message: str
-    checkpoint: str
-    checkpoint_digest: str | None = None
-    precision: str = ""
-    fp32_blocks: tuple[str, ...] = ()
-    device: str = ""
-    gpu: str | None = None
-    capability: str | None = None
-    versions: dict[str, str] = field(default_factory=dict)
-    exported_program: str | None = None
-    onnx: str | None = None
-    engine: str | None = None
-    engine_key: dict[str, Any] | None = None
-    validation: dict[str, Any] | None = None  # name -> {max_errors, tolerances, passed}
-    block_errors: list[dict[str, Any]] | None = None
-    backend_report: list[dict[str, Any]] | None = None
-    apple_parity: dict[str, Any] | None = None
-    build_seconds: float = 0.0
-    created: str = ""
+    manifest: dict[str, Any] | None = None
 
     @property
-    def ok(self) -> bool:
-        return self.status != "failed"
+    def exit_code(self) -> int:
+        return {"failed": 1, "locked": EXIT_LOCK_HELD}.get(self.status, 0)
 
 
-def build_engine(options: BuildOptions = BuildOptions()) -> BuildManifest:
-    """Build what this machine can and write the manifest (see the module docstring)."""
+def build_engine(options: BuildOptions, settings: EngineSettings) -> BuildResult:
     start = time.perf_counter()
-    spec = options.checkpoint or os.environ.get("SHARP_CHECKPOINT") or DEFAULT_CHECKPOINT_URL
-    output_dir = options.output_dir or cache_dir() / "engines"
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    def finish(status: str, message: str, **fields: Any) -> BuildManifest:
-        manifest = BuildManifest(
-            status=status,
-            message=message,
-            checkpoint=spec,
-            precision=options.precision,
-            versions=runtime_versions(),
-            build_seconds=round(time.perf_counter() - start, 1),
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **fields,
+    spec = options.checkpoint or settings.checkpoint or DEFAULT_CHECKPOINT_URL
+    output_dir = options.output_dir or settings.engine_directory
+    device = resolve_device(options.device)
+    kind = options.backend if options.backend != "auto" else preferred_kind("auto", device)
+    if kind is None:
+        return BuildResult(
+            "skipped",
+            "no GPU: nothing a GPU worker could load; it builds its engine at first start",
         )
-        write_json(output_dir / MANIFEST_NAME, asdict(manifest))
-        (logger.error if status == "failed" else logger.info)("%s", message)
-        return manifest
-
     if spec != TINY_UNTRAINED:
         try:
-            resolve_checkpoint(spec)  # downloads into the cache when it is a URL
+            resolve_checkpoint(spec, settings.cache_dir)  # downloads into the cache for a URL
         except CheckpointError as error:
             if options.require_checkpoint:
                 raise
-            return finish(
-                "deferred",
-                f"checkpoint unavailable at build time ({error}); the worker loads it, exports "
-                "and compiles on first start",
+            return BuildResult(
+                "deferred", f"checkpoint unavailable ({error}); the worker builds at first start"
             )
-    network, info = load_network(spec)
-    device = resolve_device(options.device)
-    validate = device.type == "cuda" if options.validate is None else options.validate
-    fields: dict[str, Any] = {"device": str(device)}
-    validation: dict[str, Any] = {}
-    if options.onnx:  # from the float32 network on the CPU, before it moves to the device
-        onnx_path = output_dir / ONNX_NAME
-        export_onnx(
-            network,
-            validation_input(network.config.internal_resolution, torch.device("cpu")),
-            onnx_path,
-        )
-        fields["onnx"] = onnx_path.name
+    network, info = load_network(spec, cache_dir=settings.cache_dir)
     network = network.to(device)
-    settings = BackendSettings(
-        backend="tensorrt",
-        precision=options.precision,
-        fp32_blocks=options.fp32_blocks,
-        engine_dir=output_dir,
-        background=False,
+    plan = PrecisionPlan.for_precision(
+        options.precision or settings.resolved_precision(device.type),
+        options.fp32_blocks if options.fp32_blocks is not None else settings.fp32_blocks,
     )
-    context = BackendContext(network, device, settings, info)
-    gpu, capability = gpu_identity(device)
-    fields.update(
-        checkpoint_digest=context.checkpoint,
-        gpu=gpu if device.type == "cuda" else None,
-        capability=capability or None,
-    )
-    reports: list[dict[str, Any]] = []
-    if device.type == "cuda" and options.precision != "fp32":
-        # Measure each block in half precision; the eager check keeps in float32 the blocks
-        # that lose accuracy (the plan saved here is the one the worker and TensorRT use).
-        fields["block_errors"] = context.block_errors(options.precision)
-        eager = BackendRuntime(context, [EagerBackend(options.precision), EagerBackend("fp32")])
-        eager.start(background=False)
-        reports += eager.report
-    plan = context.plan(options.precision)
-    fields["fp32_blocks"] = plan.fp32_blocks
-
-    inputs = context.inputs()
-    logger.info("Exporting the network (%s) at its fixed input", plan.describe())
-    program_path = output_dir / program_filename(context.checkpoint, plan, context.resolution)
-    save_program(export_network(mixed_network(network, plan), inputs), program_path)
-    fields["exported_program"] = program_path.name
-    if validate:  # what was saved, loaded back: the round trip the worker relies on
-        loaded = network_from_program(torch.export.load(program_path))
-        validation["exported_program"] = _check(loaded(*inputs), context, plan.precision)
-        if options.onnx:
-            validation["onnx"] = _check(run_onnx(output_dir / ONNX_NAME, inputs), context, "fp32")
-    if validation:
-        fields["validation"] = validation
-    failed = [name for name, result in validation.items() if not result["passed"]]
-
-    message = NO_GPU_MESSAGE
-    if device.type == "cuda":
-        message, engine_fields = _build_tensorrt(context, plan)
-        reports += engine_fields.pop("backend_report", [])
-        engine_validation = engine_fields.pop("engine_validation", None)
-        if engine_validation is not None:
-            validation["tensorrt"] = engine_validation
-            fields["validation"] = validation
-            if not engine_validation["passed"]:
-                failed.append("tensorrt")
-        fields.update(engine_fields)
-    if reports:
-        fields["backend_report"] = reports
-
+    resolution = network.config.internal_resolution
+    key = ArtifactKey.create(kind, device, checkpoint_digest(info), plan, resolution)
+    if options.expect_key and options.expect_key != key.digest():
+        return BuildResult(
+            "failed",
+            f"artifact key {key.digest()} is not the worker's {options.expect_key}: versions differ between the two processes",
+        )
+    target = output_dir / key.filename
+    if target.is_file():
+        return BuildResult("present", f"{target} exists")
+    lock = BuildLock(output_dir / (key.filename + ".lock"))
+    try:
+        lock.acquire()
+    except LockHeld as error:
+        return BuildResult("locked", str(error))
+    try:
+        if target.is_file():  # built by another process while we loaded the checkpoint
+            return BuildResult("present", f"{target} exists")
+        manifest = _build(kind, network, plan, key, target, device, options, settings)
+    except Exception as error:
+        logger.exception("Build of %s failed", target.name)
+        return BuildResult("failed", f"{kind} build failed: {type(error).__name__}: {error}"[:800])
+    finally:
+        lock.release()
+    manifest.update(build_seconds=round(time.perf_counter() - start, 1), checkpoint=spec)
+    if options.onnx:
+        manifest["onnx"] = export_onnx(network.float().cpu(), output_dir / ONNX_NAME)
     parity = _apple_parity(options, info.path, network, device)
     if parity is not None:
-        fields["apple_parity"] = parity
-        if not parity["passed"]:
-            failed.append("apple_parity")
-    if failed:
-        return finish("failed", f"checks failed: {', '.join(failed)}", **fields)
-    status = "engine" if fields.get("engine") else "exported"
-    return finish(status, message, **fields)
+        manifest["apple_parity"] = parity
+    write_json(output_dir / key.manifest_name, manifest)
+    if not manifest["validation"]["passed"] or (parity is not None and not parity["passed"]):
+        return BuildResult(
+            "failed",
+            f"{target.name} failed validation: {manifest['validation']['exceeded'] or 'Apple parity'}",
+            manifest,
+        )
+    return BuildResult(
+        "built",
+        f"built and validated {target} ({plan.describe()}) in {manifest['build_seconds']} s",
+        manifest,
+    )
 
 
-def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
-    """torch.export.save with an atomic rename, so a reader never sees half a file."""
-    partial = path.with_suffix(".partial.pt2")  # torch.export.save wants the .pt2 suffix
-    torch.export.save(program, partial)
-    os.replace(partial, path)
-    logger.info("Saved exported program %s", path)
+def _build(
+    kind: str,
+    network: torch.nn.Module,
+    plan: PrecisionPlan,
+    key: ArtifactKey,
+    target: Path,
+    device: torch.device,
+    options: BuildOptions,
+    settings: EngineSettings,
+) -> dict[str, Any]:
+    """Export, compile and save under the lock; then load back and validate what was saved."""
+    inputs = validation_input(network.config.internal_resolution, device)
+    reference = reference_output(network, inputs)
+    manifest: dict[str, Any] = {"key": key.to_json(), "plan": plan.describe(), "kind": kind}
+    if options.measure_blocks and plan.half_blocks:
+        manifest["block_errors"] = measure_blocks(network, plan.precision, inputs, reference)
+    logger.info("Exporting the network (%s) at its fixed input", plan.describe())
+    program = export_network(mixed_network(network, plan), inputs)
+    manifest["graph"] = graph_digest(program)
+    logger.info("Building the %s artifact %s", kind, target.name)
+    if kind == "exported":
+        write_atomic(target, lambda path: torch.export.save(program, path))
+    elif kind == "compiled":
+        write_atomic(
+            target,
+            lambda path: torch._inductor.aoti_compile_and_package(program, package_path=str(path)),
+        )
+    else:
+        cache = timing_cache_path(target.parent, device, runtime_versions()["tensorrt"])
+        module = compile_tensorrt(
+            program, inputs, timing_cache=cache, workspace_gb=settings.trt_workspace_gb
+        )
+        save_tensorrt(module, target, inputs)
+        del module
+    forward = load_artifact(kind, target, device)  # exactly what the worker will load
+    with torch.inference_mode():
+        verdict = validate(reference, SharpOutput(*forward(*inputs)), plan.precision)
+    manifest["validation"] = verdict.to_json()
+    if not verdict.passed:
+        set_aside(target, f"failed validation: {verdict.describe()}")
+    return manifest
 
 
-def export_onnx(
-    network: torch.nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], path: Path
-) -> None:
-    """ONNX of the float32 network with its weights as external data (the official model is
-    2.8 GB, over protobuf's 2 GB limit). Float32: the portable form; precision is the
-    consumer's choice."""
+def export_onnx(network: torch.nn.Module, path: Path) -> str:
+    """ONNX of the float32 network with external weights (the official model is over
+    protobuf's 2 GB limit). Float32: the portable form; precision is the consumer's choice."""
+    inputs = validation_input(network.config.internal_resolution, torch.device("cpu"))
     logger.info("Exporting ONNX (fp32); this takes a minute")
     onnx_program = torch.onnx.export(
         export_network(network, inputs),
@@ -250,19 +215,7 @@ def export_onnx(
         external_data=True,
     )
     onnx_program.save(str(path), external_data=True)
-    logger.info("Saved ONNX %s (+ %s.data)", path, path.name)
-
-
-def _check(output: Any, context: BackendContext, precision: str) -> dict[str, Any]:
-    tolerances = tolerances_for(precision)
-    errors = output_errors(context.reference(), output)
-    over = exceeded(errors, tolerances)
-    return {
-        "passed": not over,
-        "max_errors": json_errors(errors),
-        "tolerances": asdict(tolerances),
-        "exceeded": over,
-    }
+    return path.name
 
 
 def run_onnx(path: Path, inputs: Sequence[torch.Tensor]) -> SharpOutput:
@@ -273,37 +226,6 @@ def run_onnx(path: Path, inputs: Sequence[torch.Tensor]) -> SharpOutput:
     feeds = {"image": inputs[0].cpu().numpy(), "disparity_factor": inputs[1].cpu().numpy()}
     outputs = session.run(None, feeds)
     return SharpOutput(*(torch.from_numpy(array).to(inputs[0].device) for array in outputs))
-
-
-def _build_tensorrt(context: BackendContext, plan: PrecisionPlan) -> tuple[str, dict[str, Any]]:
-    """The worker's own TensorRT path: load or compile, validate against eager fp32, save."""
-    try:
-        import_tensorrt()
-    except BackendUnavailable as error:
-        return f"{error}: saved exported program; the worker compiles on first start", {}
-    backend = TensorRTBackend(plan.precision)
-    runtime = BackendRuntime(context, [backend, EagerBackend("fp32")])
-    active = runtime.start(background=False)
-    report = runtime.report
-    attempts = [e for e in report if e["backend"] == "tensorrt"]
-    fields: dict[str, Any] = {
-        "backend_report": report,
-        "engine_validation": {
-            "passed": active.name == "tensorrt",
-            "max_errors": attempts[-1]["max_errors"],
-            "tolerances": asdict(tolerances_for(plan.precision)),
-            "reason": attempts[-1]["reason"],
-        },
-    }
-    if active.name != "tensorrt":
-        return "TensorRT engine refused (see backend_report)", fields
-    engine = backend.cached_engine(context, active.plan)
-    fields.update(
-        engine=engine.name if engine else None,
-        engine_key=asdict(backend.engine_key(context, active.plan)),
-        fp32_blocks=active.plan.fp32_blocks,
-    )
-    return f"TensorRT engine {engine} ({active.plan.describe()}) validated", fields
 
 
 def _apple_parity(
@@ -327,7 +249,7 @@ def _apple_parity(
             return {"passed": False, "skipped": "; ".join(reasons)}
         logger.info("Skipping parity with Apple's sharp: %s", "; ".join(reasons))
         return None
-    return compare_with_apple(network, checkpoint, device)
+    return compare_with_apple(network.float(), checkpoint, device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,30 +261,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help=f"local .pt, http(s) URL, hf://owner/repo[/file] or '{TINY_UNTRAINED}' "
-        f"(default: $SHARP_CHECKPOINT, else {DEFAULT_CHECKPOINT_URL})",
+        help=f"local .pt, http(s) URL, hf://owner/repo[/file] or '{TINY_UNTRAINED}' (default: $SHARP_CHECKPOINT, else Apple's)",
     )
     parser.add_argument(
-        "--output-dir", type=Path, default=None, help="default: <cache dir>/engines"
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="default: $SHARP_ENGINE_DIR, else <cache dir>/engines",
     )
+    parser.add_argument("--backend", choices=KINDS, default="auto")
     parser.add_argument(
         "--precision",
-        choices=list(PRECISIONS),
-        default=os.environ.get("SHARP_PRECISION") or "fp16",
-        help="precision the worker serves in on the GPU (default: $SHARP_PRECISION or fp16)",
+        choices=["fp32", "fp16", "bf16"],
+        default=None,
+        help="default: $SHARP_PRECISION, else fp16 on a GPU and fp32 on the CPU",
     )
     parser.add_argument(
         "--fp32-blocks",
-        default=os.environ.get("SHARP_FP32_BLOCKS", ",".join(DEFAULT_FP32_BLOCKS)),
-        help="comma-separated blocks kept in float32 in fp16/bf16 (default: $SHARP_FP32_BLOCKS)",
+        default=None,
+        help="comma-separated blocks kept in fp32 in half precision (default: $SHARP_FP32_BLOCKS, else the disparity and prediction heads)",
     )
-    parser.add_argument("--onnx", action="store_true", help="also export ONNX (external data)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
-        "--validate",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run the exported program (and ONNX) against eager fp32 (default: on a GPU only)",
+        "--measure-blocks",
+        action="store_true",
+        help="measure each block's half-precision error into the manifest",
+    )
+    parser.add_argument(
+        "--onnx", action="store_true", help="also export ONNX (fp32, external data)"
     )
     parser.add_argument("--apple-parity", choices=["auto", "off", "require"], default="auto")
     parser.add_argument(
@@ -370,30 +296,46 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fail when the checkpoint cannot be had (default: defer to the worker, exit 0)",
     )
+    parser.add_argument("--expect-key", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--nice", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args = build_parser().parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)  # a child of a serving worker yields the CPU to its requests
     try:
+        settings = Settings.from_env().engine
+        blocks = (
+            None
+            if args.fp32_blocks is None
+            else tuple(b.strip() for b in args.fp32_blocks.split(",") if b.strip())
+        )
         options = BuildOptions(
             checkpoint=args.checkpoint,
             output_dir=args.output_dir,
+            backend=args.backend,
             precision=args.precision,
-            fp32_blocks=tuple(b.strip() for b in args.fp32_blocks.split(",") if b.strip()),
-            onnx=args.onnx,
+            fp32_blocks=blocks,
             device=args.device,
-            validate=args.validate,
+            measure_blocks=args.measure_blocks,
+            onnx=args.onnx,
             apple_parity=args.apple_parity,
             require_checkpoint=args.require_checkpoint,
+            expect_key=args.expect_key,
         )
-        manifest = build_engine(options)
-    except (CheckpointError, ValueError, RuntimeError) as error:
+        configure_numerics()
+        result = build_engine(options, settings)
+    except (SettingsError, CheckpointError, ValueError, RuntimeError) as error:
         logger.error("%s", error)
         return 2
-    print(manifest.message)
-    return 0 if manifest.ok else 1
+    (logger.error if result.status == "failed" else logger.info)("%s", result.message)
+    print(f"{result.status}: {result.message}")
+    return result.exit_code
 
 
 if __name__ == "__main__":

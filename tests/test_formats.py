@@ -349,7 +349,7 @@ def test_spz_round_trip_within_quantization(version: int) -> None:
 def test_spz_clamps_positions_beyond_the_24_bit_range() -> None:
     g = random_gaussians(2)
     far = Gaussians(
-        torch.tensor([[5000.0, -5000.0, 0.0], [-3000.0, 0.0, -3000.0]]), *g._tensors()[1:]
+        torch.tensor([[5000.0, -5000.0, 0.0], [-3000.0, 0.0, -3000.0]]), *g.tensors()[1:]
     )
     # Stored in RUB (y, z negated) within [-2^23, 2^23 - 1] / 4096 = [-2048, 2047.99976].
     limit = (2**23 - 1) / 4096

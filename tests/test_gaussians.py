@@ -273,9 +273,9 @@ def test_unproject_rejects_bad_intrinsics() -> None:
 
 def test_postprocess_returns_float32_from_half_precision() -> None:
     ndc = random_gaussians(1000)
-    half = Gaussians(*(t.to(torch.bfloat16) for t in ndc._tensors()))
+    half = Gaussians(*(t.to(torch.bfloat16) for t in ndc.tensors()))
     out = postprocess(half, focal_length_px=500.0, image_width=640, image_height=480)
-    assert all(t.dtype == torch.float32 for t in out._tensors())
+    assert all(t.dtype == torch.float32 for t in out.tensors())
     assert len(out) == 1000 and torch.isfinite(out.scales).all()
 
 

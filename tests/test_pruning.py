@@ -126,7 +126,7 @@ def test_pruning_is_deterministic() -> None:
     g = random_gaussians(2000)
     first = prune(g, min_opacity=0.1, max_gaussians=700, focal_length_px=FOCAL)
     second = prune(g, min_opacity=0.1, max_gaussians=700, focal_length_px=FOCAL)
-    assert all(torch.equal(a, b) for a, b in zip(first._tensors(), second._tensors()))
+    assert all(torch.equal(a, b) for a, b in zip(first.tensors(), second.tensors()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_gaussians_behind_the_camera_score_zero() -> None:
     g = random_gaussians(4)
     means = g.means.clone()
     means[:2, 2] = torch.tensor([-1.0, 0.0])
-    scores = importance(Gaussians(means, *g._tensors()[1:]), focal_length_px=FOCAL)
+    scores = importance(Gaussians(means, *g.tensors()[1:]), focal_length_px=FOCAL)
     assert scores[:2].tolist() == [0.0, 0.0] and bool((scores[2:] > 0).all())
 
 

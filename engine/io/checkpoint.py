@@ -27,13 +27,12 @@ from tqdm import tqdm
 
 from engine.network import UNUSED_CHECKPOINT_PREFIXES, SharpNetwork
 from engine.network.config import SharpConfig
+from engine.settings import DEFAULT_CHECKPOINT_URL, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT_URL = "https://ml-site.cdn-apple.com/models/sharp/sharp_2572gikvuh.pt"
 HF_DEFAULT_FILENAME = "sharp_2572gikvuh.pt"
 TINY_UNTRAINED = "tiny-untrained"
-RUNPOD_VOLUME = Path("/runpod-volume")
 _DOWNLOAD_CHUNK = 1 << 20
 _DOWNLOAD_TIMEOUT_S = 60
 
@@ -50,24 +49,15 @@ class CheckpointInfo:
     untrained: bool = False
 
 
-def cache_dir() -> Path:
-    """`SHARP_CACHE_DIR`, else a folder on the RunPod network volume, else the user cache."""
-    if env := os.environ.get("SHARP_CACHE_DIR"):
-        return Path(env).expanduser()
-    if RUNPOD_VOLUME.is_dir():
-        return RUNPOD_VOLUME / "sharp-cache"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sharp-runpod"
-
-
-def resolve_checkpoint(spec: str | os.PathLike | None) -> Path:
-    """The local file for a checkpoint spec, downloading it into the cache if needed."""
+def resolve_checkpoint(spec: str | os.PathLike | None, cache_dir: Path | None = None) -> Path:
+    """The local file for a checkpoint spec, downloading it into `cache_dir` if needed
+    (default: `engine.settings.default_cache_dir()`)."""
     spec = str(spec) if spec is not None else DEFAULT_CHECKPOINT_URL
     if spec.startswith("hf://"):
         spec = _hugging_face_url(spec)
     if spec.startswith(("http://", "https://")):
         name = Path(urllib.parse.urlparse(spec).path).name or "checkpoint.pt"
-        target = cache_dir() / name
+        target = (cache_dir or default_cache_dir()) / name
         if not target.exists():
             download(spec, target)
         return target
@@ -204,7 +194,9 @@ def build_untrained(config: SharpConfig | None = None, seed: int = 0) -> SharpNe
     return model.eval().requires_grad_(False)
 
 
-def load_network(spec: str | os.PathLike | None = None) -> tuple[SharpNetwork, CheckpointInfo]:
+def load_network(
+    spec: str | os.PathLike | None = None, cache_dir: Path | None = None
+) -> tuple[SharpNetwork, CheckpointInfo]:
     """The network for a checkpoint spec (see module docstring), on the CPU, in eval mode."""
     if str(spec) == TINY_UNTRAINED:
         logger.warning(
@@ -214,7 +206,7 @@ def load_network(spec: str | os.PathLike | None = None) -> tuple[SharpNetwork, C
         )
         model = build_untrained()
         return model, CheckpointInfo(TINY_UNTRAINED, None, model.config, untrained=True)
-    path = resolve_checkpoint(spec)
+    path = resolve_checkpoint(spec, cache_dir)
     model = network_from_state_dict(read_state_dict(path))
     name = str(spec) if spec is not None else DEFAULT_CHECKPOINT_URL
     return model, CheckpointInfo(name, path, model.config)

@@ -36,6 +36,8 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms
 
+from engine.settings import DEFAULT_MAX_PIXELS
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DecodedImage",
@@ -48,7 +50,6 @@ LOGGER = logging.getLogger(__name__)
 
 pillow_heif.register_heif_opener()
 
-DEFAULT_MAX_PIXELS: Final[int] = 40_000_000
 MIN_SIDE_PX: Final[int] = 2
 
 # Pillow plugin ids tried, in this order. A JPEG carrying extra pictures (MPF, common on

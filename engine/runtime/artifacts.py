@@ -110,7 +110,16 @@ class ArtifactKey:
             raise ValueError(f"artifact kind must be one of {', '.join(KINDS)}; got {kind!r}")
         gpu, capability = gpu_identity(device)
         versions = tuple(sorted(runtime_versions().items()))
-        return cls(kind, gpu, capability, versions, checkpoint, graph_code_digest(), plan.identity(), resolution)
+        return cls(
+            kind,
+            gpu,
+            capability,
+            versions,
+            checkpoint,
+            graph_code_digest(),
+            plan.identity(),
+            resolution,
+        )
 
     @property
     def precision(self) -> str:

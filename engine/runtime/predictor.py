@@ -1,8 +1,9 @@
-"""Image bytes to metric 3D Gaussians: decode, stage, network forward, unprojection."""
+"""A decoded image to metric 3D Gaussians: stage, network forward, unprojection."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -16,17 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.io.checkpoint import CheckpointInfo, load_network
-from engine.io.images import DecodedImage, decode_image
-from engine.network import SharpNetwork, SharpOutput
+from engine.io.checkpoint import load_network
+from engine.io.images import DecodedImage
+from engine.network import SharpOutput
 from engine.runtime import staging
-from engine.runtime.backends import (
-    BackendContext,
-    BackendRuntime,
-    BackendSettings,
-    EagerBackend,
-    candidate_backends,
-)
+from engine.runtime.serving import NetworkRuntime
+from engine.settings import EngineSettings
 from engine.splats.gaussians import Gaussians, postprocess
 
 logger = logging.getLogger(__name__)
@@ -34,9 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prediction:
-    gaussians: (
-        Gaussians  # metric camera space, OpenCV axes; on the predictor's device unless to_host
-    )
+    gaussians: Gaussians  # metric camera space, OpenCV axes, on the predictor's device
     image_width: int
     image_height: int
     focal_length_px: float
@@ -57,75 +51,47 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 class SharpPredictor:
-    """Runs SHARP on one image at a time. Load once, call `predict` per request.
+    """Runs SHARP on one decoded image at a time. Load once, call `predict` per request.
 
     `predict` is thread-safe: requests are serialised, since they share the staging buffers
-    and the GPU. The backend may switch between requests when a background compile passes
-    validation; `backend_report` says what was tried and why each was used or refused.
+    and the GPU. `poll()` between requests lets a finished engine build take over (see
+    engine.runtime.serving).
     """
 
-    def __init__(
-        self,
-        network: SharpNetwork,
-        device: torch.device,
-        checkpoint: CheckpointInfo,
-        runtime: BackendRuntime | None = None,
-    ) -> None:
-        self.network = network
-        self.device = device
-        self.checkpoint = checkpoint
-        if runtime is None:  # plain eager fp32, nothing to validate
-            settings = BackendSettings(backend="eager", precision="fp32")
-            runtime = BackendRuntime(
-                BackendContext(network, device, settings, checkpoint), [EagerBackend("fp32")]
-            )
-            runtime.start()
+    def __init__(self, runtime: NetworkRuntime) -> None:
         self.runtime = runtime
-        self.resolution = network.config.internal_resolution
-        self._staging = staging.InputStaging(self.resolution, device)
+        self.network = runtime.network
+        self.device = runtime.device
+        self.checkpoint = runtime.checkpoint
+        self.resolution = self.network.config.internal_resolution
+        self._staging = staging.InputStaging(self.resolution, self.device)
         self._stream = None
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # weights and buffers are in place
-            self._stream = torch.cuda.Stream(device)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # weights and buffers are in place
+            self._stream = torch.cuda.Stream(self.device)
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> SharpPredictor:
+        """Load the checkpoint onto the device and start the runtime (eager first, then the
+        cached or newly built engine of `settings.backend`)."""
+        device = resolve_device(settings.device)
+        network, info = load_network(settings.checkpoint, cache_dir=settings.cache_dir)
+        runtime = NetworkRuntime(network.to(device), device, info, settings)
+        runtime.start()
+        return cls(runtime)
 
     @classmethod
     def from_checkpoint(
         cls,
         checkpoint: str | os.PathLike | None = None,
-        device: str | torch.device = "auto",
-        *,
-        backend: str | None = None,
-        precision: str | None = None,
-        settings: BackendSettings | None = None,
+        device: str = "auto",
+        settings: EngineSettings | None = None,
     ) -> SharpPredictor:
-        """Load the checkpoint and choose a backend (see `engine.runtime.backends`).
-
-        backend/precision default to SHARP_BACKEND / SHARP_PRECISION (auto; fp16 on CUDA, fp32
-        on the CPU); `settings` replaces the environment altogether.
-        """
-        device = resolve_device(device)
-        network, info = load_network(checkpoint)
-        if settings is None:
-            settings = BackendSettings.from_env(backend=backend, precision=precision)
-        return cls.from_network(network, device, info, settings)
-
-    @classmethod
-    def from_network(
-        cls,
-        network: SharpNetwork,
-        device: torch.device,
-        checkpoint: CheckpointInfo,
-        settings: BackendSettings,
-    ) -> SharpPredictor:
-        """A predictor for a network already built (moved to `device` here)."""
-        network = network.to(device)
-        runtime = BackendRuntime(
-            BackendContext(network, device, settings, checkpoint),
-            candidate_backends(settings, device),
-        )
-        runtime.start()
-        return cls(network, device, checkpoint, runtime)
+        """`from_settings` for a checkpoint spec and device; eager unless `settings` say more."""
+        base = settings or EngineSettings(backend="eager")
+        spec = str(checkpoint) if checkpoint is not None else base.checkpoint
+        return cls.from_settings(dataclasses.replace(base, checkpoint=spec, device=str(device)))
 
     @property
     def backend(self) -> str:
@@ -135,31 +101,15 @@ class SharpPredictor:
     def precision(self) -> str:
         return self.runtime.active.precision
 
-    @property
-    def backend_report(self) -> list[dict[str, Any]]:
-        """JSON-ready: backend, precision, status (active | superseded | refused | pending |
-        loading | skipped), reason, max_errors, seconds, plan, and block_errors where measured."""
-        return self.runtime.report
-
-    def wait_for_backend(self, timeout: float | None = None) -> bool:
-        """Block until a background compile has finished (or `timeout`); True when it has."""
-        return self.runtime.wait(timeout)
+    def poll(self) -> bool:
+        """Between requests: switch to a newly built engine when one is ready."""
+        with self._lock:
+            return self.runtime.poll()
 
     @torch.inference_mode()
-    def predict(
-        self,
-        image: bytes | DecodedImage,
-        *,
-        focal_length_px: float | None = None,
-        to_host: bool = False,
-    ) -> Prediction:
-        """One image to metric Gaussians. to_host: return them in pinned host memory."""
+    def predict(self, image: DecodedImage) -> Prediction:
+        """One decoded image to metric Gaussians, on the predictor's device."""
         timings: dict[str, float] = {}
-        with self._timed(timings, "decode"):
-            if isinstance(image, (bytes, bytearray, memoryview)):
-                image = decode_image(bytes(image), focal_length_px=focal_length_px)
-            elif focal_length_px is not None:
-                raise ValueError("pass focal_length_px to decode_image for a decoded image")
         caller = torch.cuda.current_stream(self.device) if self._stream is not None else None
         with self._lock, self._on_stream():
             active = self.runtime.active  # read once: a switch applies from the next request
@@ -175,18 +125,10 @@ class SharpPredictor:
                     image_width=image.width,
                     image_height=image.height,
                 )
-                if to_host:
-                    gaussians = staging.to_host(gaussians)
-                elif caller is not None:
+                if caller is not None:
                     # The caller's stream reads these next: the allocator must not hand their
                     # memory to this stream's next request before that stream is done.
-                    for tensor in (
-                        gaussians.means,
-                        gaussians.scales,
-                        gaussians.quaternions,
-                        gaussians.colors,
-                        gaussians.opacities,
-                    ):
+                    for tensor in gaussians.tensors():
                         tensor.record_stream(caller)
         return Prediction(
             gaussians=gaussians,

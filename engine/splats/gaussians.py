@@ -24,13 +24,13 @@ class Gaussians:
         return self.means.shape[0]
 
     def to(self, device: torch.device | str) -> Gaussians:
-        return Gaussians(*(t.to(device) for t in self._tensors()))
+        return Gaussians(*(t.to(device) for t in self.tensors()))
 
     def index(self, keep: torch.Tensor) -> Gaussians:
         """The subset selected by a boolean mask or an index tensor."""
-        return Gaussians(*(t[keep] for t in self._tensors()))
+        return Gaussians(*(t[keep] for t in self.tensors()))
 
-    def _tensors(self) -> tuple[torch.Tensor, ...]:
+    def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.means, self.scales, self.quaternions, self.colors, self.opacities)
 
 
@@ -57,7 +57,7 @@ def postprocess(
     """
     with torch.no_grad():
         return unproject(
-            Gaussians(*(t.float() for t in gaussians_ndc._tensors())),
+            Gaussians(*(t.float() for t in gaussians_ndc.tensors())),
             focal_length_px=focal_length_px,
             image_width=image_width,
             image_height=image_height,
