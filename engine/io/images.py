@@ -33,10 +33,14 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
-import pillow_heif
 from PIL import Image, ImageCms
 
 from engine.settings import DEFAULT_MAX_PIXELS
+
+try:  # absent where only torch, numpy and Pillow are installed (benchmarks/gpu_check.py)
+    import pillow_heif
+except ImportError:  # pragma: no cover
+    pillow_heif = None
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -48,7 +52,8 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
-pillow_heif.register_heif_opener()
+if pillow_heif is not None:
+    pillow_heif.register_heif_opener()
 
 MIN_SIDE_PX: Final[int] = 2
 
