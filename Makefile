@@ -31,3 +31,29 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .benchmarks
+
+# Independent readers and a real viewer for tests/test_end_to_end.py (see tests/viewers.py):
+# the npm packages pinned by tests/js/package-lock.json (splat-transform, Spark, three,
+# playwright-core) and Debian's Chromium, which playwright-core drives headless. Installed
+# when missing and we may (root, for apt-get); otherwise those tests skip and say why.
+JS := tests/js
+CHROMIUM := /usr/bin/chromium
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+
+.PHONY: clean-js
+test: $(JS)/node_modules/.installed $(CHROMIUM)
+clean: clean-js
+
+$(JS)/node_modules/.installed: $(JS)/package.json $(JS)/package-lock.json
+	@if ! command -v npm >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && $(APT_INSTALL) nodejs npm; fi
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix $(JS) --ignore-scripts --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "npm not found and not root: the viewer tests will skip"; fi
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(APT_INSTALL) chromium; \
+	else echo "$(CHROMIUM) not found and not root: the Spark render tests will skip"; fi
+
+clean-js:
+	rm -rf $(JS)/node_modules
