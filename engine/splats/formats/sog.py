@@ -1,0 +1,449 @@
+"""PlayCanvas's SOG ("spatially ordered Gaussians", version 2): writer and reader.
+
+Specification: developer.playcanvas.com, user manual > Gaussian splatting > formats > SOG, and
+the two readers that define it in practice: `readSog` of @playcanvas/splat-transform (its
+`writeSog` is the reference writer) and the PlayCanvas engine's GSplatSogData and SOG shaders.
+
+Container: a ZIP archive (method STORE) of meta.json and five lossless WebP images of one size
+W x H. Texel (x, y) of every image belongs to Gaussian i = x + y * W (row-major from the top
+left); meta.json's `count` says how many there are, and texels from `count` on are ignored.
+
+  file          channels  per Gaussian
+  means_l.webp  RGB       low bytes of 16-bit x, y, z
+  means_u.webp  RGB       high bytes of them
+  quats.webp    RGBA      "smallest three" rotation: A = 252 + index of the largest
+                          component of the unit (w, x, y, z) quaternion, made positive; R, G, B
+                          the other three in (w, x, y, z) order, as round((c * sqrt2 * 0.5 + 0.5)
+                          * 255); the reader rebuilds the largest as sqrt(1 - |others|^2)
+  scales.webp   RGB       indices into meta.scales.codebook (256 ln(scale) values, one shared
+                          by the three axes)
+  sh0.webp      RGBA      R, G, B: indices into meta.sh0.codebook (256 degree-0 SH coefficients
+                          sh0 = (srgb - 0.5) / SH_C0, shared by the channels); A = opacity * 255
+
+meta.json: {"version": 2, "asset": {"generator"}, "count", "means": {"mins", "maxs", "files"},
+"scales": {"codebook", "files"}, "quats": {"files"}, "sh0": {"codebook", "files"}}; no shN
+(SHARP predicts no higher-order SH).
+
+Positions: each coordinate goes through the symmetric log t = sign(p) ln(1 + |p|), and the
+reader decodes u16 n as p = sign(v) (exp|v| - 1), v = mins + (maxs - mins) n / 65535. We round
+to the nearest n (the reference truncates), so |v error| <= step / 2, step = (maxs - mins) /
+65535, and |p error| <= (1 + |p|) step / 2 (1 + step). The three axes share one range width, the
+widest axis's (mins = per-axis minima, maxs = mins + width): precision is isotropic, as in the
+fixed-point formats, instead of 16 bits across a scene's thin axis (SHARP's depth range can be
+a tenth of its width), whose low bytes would be noise that no predictor compresses. For the
+coffee sample that is 0.05 mm at 2 m, finer than .spz's 0.12 mm.
+
+Codebooks: scales and colours are quantized to 256 values by a few Lloyd (1-D k-means)
+iterations on a 4096-bin histogram whose bin weights are count^CODEBOOK_ALPHA. Exponent 1 is
+plain k-means, which packs entries where values are dense and costs bits there; 0 spreads them
+evenly over the occupied range (an entropy-coded uniform quantizer: the smallest images); 0.2
+keeps nearly that size while a sparse tail no longer takes entries from the bulk. The end entries
+are pinned to the data's extremes and every value takes its nearest entry, so the error of
+each value is at most half the largest gap between neighbouring entries. Entries are sorted, so
+neighbouring indices hold neighbouring values and the index images stay smooth.
+
+Layout: SHARP's unpruned output is 2 layers x 768 rows x 768 columns of Gaussians in that
+order; with W = 768 and the layers stacked (H = 1536), neighbouring texels hold neighbouring
+pixels' Gaussians, and WebP's spatial predictors turn the smooth fields into small residuals
+(the reference sorts by Morton code instead). Any other count gets a near-square image in the
+given order, W = ceil(sqrt(N)) rounded up to a multiple of 4 (as the reference), H = ceil(N /
+W); the unused texels of the last row repeat the last Gaussian.
+
+Axes: splat-transform reads a .ply and writes a .sog in the same "PLY" space (both are labelled
+Transform.PLY in it, so the conversion moves nothing), and the PlayCanvas engine shows both the
+same way. Our .ply stores OpenCV axes (x right, y down, z forward) as they are, so the .sog
+does too, and a .sog and the .ply of one image look the same in every viewer. Colours are sRGB,
+as in every format here (engine.splats.formats.common).
+
+Effort: WebP lossless `method` and `quality` per image (EFFORTS); the default keeps the encode
+of a full SHARP result near half a second on two cores. Quantization runs on the Gaussians'
+device with one transfer of the finished bytes to the host; the WebP encodes run in threads
+(libwebp releases the GIL).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.splats.color import linear_to_srgb
+from engine.splats.formats.common import SH_C0, linear_colors
+from engine.splats.gaussians import Gaussians
+
+VERSION = 2
+GENERATOR = "sharp-runpod"
+SHARP_GRID = (2, 768, 768)  # (layers, rows, columns) of an unpruned SHARP result
+CODEBOOK_SIZE = 256
+CODEBOOK_BINS = 1 << 12
+CODEBOOK_ALPHA = 0.2  # histogram weight exponent: 1 = plain k-means, 0 = even over occupied bins
+CODEBOOK_ITERATIONS = 8
+MAX_TEXTURE_SIDE = 16383  # WebP's limit
+FILES = {
+    "means": ["means_l.webp", "means_u.webp"],
+    "scales": ["scales.webp"],
+    "quats": ["quats.webp"],
+    "sh0": ["sh0.webp"],
+}
+# WebP (method, quality) per image and effort level, largest images first (encode order).
+# Measured on the tiny model's coffee.jpg result in benchmarks/bench_formats.py.
+EFFORTS: dict[int, dict[str, tuple[int, int]]] = {
+    0: {"means_l": (0, 0), "quats": (0, 0), "scales": (0, 0), "sh0": (0, 0), "means_u": (0, 0)},
+    1: {"means_l": (1, 0), "quats": (1, 0), "scales": (0, 0), "sh0": (0, 0), "means_u": (0, 0)},
+    2: {"means_l": (1, 0), "quats": (1, 25), "scales": (1, 0), "sh0": (1, 0), "means_u": (1, 0)},
+    3: {"means_l": (2, 25), "quats": (2, 50), "scales": (2, 25), "sh0": (2, 25), "means_u": (2, 50)},
+    4: {"means_l": (4, 50), "quats": (4, 75), "scales": (4, 50), "sh0": (4, 50), "means_u": (4, 75)},
+    5: {"means_l": (5, 75), "quats": (5, 90), "scales": (5, 75), "sh0": (5, 75), "means_u": (5, 90)},
+    6: {"means_l": (6, 100), "quats": (6, 100), "scales": (6, 100), "sh0": (6, 100), "means_u": (6, 100)},
+}  # fmt: skip
+DEFAULT_EFFORT = 1
+
+_SQRT2 = math.sqrt(2.0)
+# The three smaller components, in (w, x, y, z) order, for each index of the largest.
+_OTHERS = ((1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2))
+# The ZIP's image order, after meta.json (first, so that a streaming reader finds it at once).
+_FILE_ORDER = ("means_l", "means_u", "scales", "quats", "sh0")
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest DOS date: fixed, so the bytes are deterministic
+
+
+def texture_size(n: int, grid: tuple[int, int, int] | None = None) -> tuple[int, int]:
+    """(width, height) of the images for n Gaussians.
+
+    `grid` = (layers, rows, columns) with n Gaussians in that order gives width = columns and the
+    layers stacked; None picks SHARP_GRID when n fits it, else a near-square image.
+    """
+    if n < 1:
+        raise ValueError("SOG cannot hold zero Gaussians: there is nothing to lay out")
+    if grid is None and n == math.prod(SHARP_GRID):
+        grid = SHARP_GRID
+    if grid is not None:
+        layers, rows, columns = grid
+        if min(grid) < 1 or layers * rows * columns != n:
+            raise ValueError(f"grid {grid} does not hold {n} Gaussians")
+        width, height = columns, layers * rows
+    else:
+        width = max(4, math.ceil(math.sqrt(n) / 4) * 4)
+        height = -(-n // width)
+    if width > MAX_TEXTURE_SIDE or height > MAX_TEXTURE_SIDE:
+        raise ValueError(
+            f"a {width} x {height} image exceeds WebP's {MAX_TEXTURE_SIDE} texels a side"
+        )
+    return width, height
+
+
+def write_sog(
+    gaussians: Gaussians,
+    *,
+    grid: tuple[int, int, int] | None = None,
+    effort: int = DEFAULT_EFFORT,
+) -> bytes:
+    """Encode Gaussians (OpenCV axes, linear colours) as a bundled .sog, deterministically.
+
+    grid: (layers, rows, columns) of the Gaussians' order; see `texture_size`.
+    effort: a key of EFFORTS (0 fastest, 6 smallest).
+    """
+    if effort not in EFFORTS:
+        raise ValueError(f"SOG effort must be one of {sorted(EFFORTS)}, got {effort}")
+    n = len(gaussians)
+    width, height = texture_size(n, grid)
+    settings = EFFORTS[effort]
+    on_host = gaussians.means.device.type == "cpu"
+    with torch.no_grad(), ThreadPoolExecutor(min(len(settings), _cpu_count())) as pool:
+        webps: dict[str, Future[bytes]] = {}
+        values: dict[str, torch.Tensor] = {}
+        for name, tensor in _quantize(gaussians, width * height):
+            if tensor.dtype != torch.uint8:
+                values[name] = tensor
+            elif on_host:  # no transfer to wait for: encode each image while the next is made
+                webps[name] = pool.submit(_webp, tensor.numpy(), width, height, *settings[name])
+            else:
+                values[name] = tensor
+        host = _to_host(values)
+        for name in settings:
+            if name not in webps:
+                webps[name] = pool.submit(_webp, host[name], width, height, *settings[name])
+        meta = {
+            "version": VERSION,
+            "asset": {"generator": GENERATOR},
+            "count": n,
+            "means": {
+                "mins": host["mins"].tolist(),
+                "maxs": host["maxs"].tolist(),
+                "files": FILES["means"],
+            },
+            "scales": {"codebook": host["scales_codebook"].tolist(), "files": FILES["scales"]},
+            "quats": {"files": FILES["quats"]},
+            "sh0": {"codebook": host["sh0_codebook"].tolist(), "files": FILES["sh0"]},
+        }
+        try:  # JSON has no NaN or infinity: such positions, scales or colours cannot be written
+            meta_json = json.dumps(meta, allow_nan=False, separators=(",", ":")).encode()
+        except ValueError:
+            raise ValueError("SOG needs finite positions, scales and colours") from None
+        images = [(f"{name}.webp", webps[name].result()) for name in _FILE_ORDER]
+    return _zip([("meta.json", meta_json), *images])
+
+
+def _cpu_count() -> int:
+    return getattr(os, "process_cpu_count", os.cpu_count)() or 1
+
+
+def read_sog(data: bytes) -> Gaussians:
+    """Decode bundled .sog bytes into Gaussians, as the specification's readers do.
+
+    Independent of the writer: it follows meta.json and decodes every texel by the formulas of
+    the module docstring. Colours come back as linear RGB, rotations as unit (w, x, y, z).
+    """
+    meta, images = read_sog_files(data)
+    n = meta["count"]
+    texels = {name: image.reshape(-1, 4)[:n] for name, image in images.items()}
+    low, high = (texels[f].astype(np.int64) for f in meta["means"]["files"])
+    mins, maxs = (np.asarray(meta["means"][k], np.float64) for k in ("mins", "maxs"))
+    v = mins + (maxs - mins) * ((high[:, :3] << 8) | low[:, :3]) / 65535
+    means = np.sign(v) * np.expm1(np.abs(v))
+
+    quats = texels[meta["quats"]["files"][0]]
+    tags = quats[:, 3].astype(np.int64) - 252
+    if tags.size and (tags.min() < 0 or tags.max() > 3):
+        raise ValueError("quats.webp alpha must be 252-255 (the largest component's index)")
+    others = (quats[:, :3] / 255.0 * 2 - 1) / _SQRT2
+    wxyz = np.empty((n, 4))
+    np.put_along_axis(wxyz, np.asarray(_OTHERS)[tags], others, axis=1)
+    largest = np.sqrt(np.maximum(0.0, 1 - (others * others).sum(axis=1)))
+    np.put_along_axis(wxyz, tags[:, None], largest[:, None], axis=1)
+
+    scale_book = np.asarray(meta["scales"]["codebook"], np.float64)
+    color_book = np.asarray(meta["sh0"]["codebook"], np.float64)
+    sh0 = texels[meta["sh0"]["files"][0]]
+    scales = np.exp(scale_book[texels[meta["scales"]["files"][0]][:, :3]])
+    srgb = 0.5 + SH_C0 * color_book[sh0[:, :3]]
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    return Gaussians(
+        means=tensor(means),
+        scales=tensor(scales),
+        quaternions=tensor(wxyz),
+        colors=linear_colors(srgb.astype(np.float32)),
+        opacities=tensor(sh0[:, 3] / 255.0),
+    )
+
+
+def read_sog_files(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """meta.json and each image it names, as (H, W, 4) uint8 RGBA, from bundled .sog bytes.
+
+    Checks what every reader relies on: version 2, the files present, one image size with at
+    least `count` texels, codebooks of 256 entries.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"not a .sog file (a ZIP archive): {error}") from None
+    with archive:
+        names = set(archive.namelist())
+        if "meta.json" not in names:
+            raise ValueError(".sog archive has no meta.json")
+        meta = json.loads(archive.read("meta.json"))
+        if meta.get("version") != VERSION:
+            raise ValueError(
+                f"only SOG version {VERSION} is supported, got {meta.get('version')!r}"
+            )
+        if "shN" in meta:
+            raise ValueError("higher-order spherical harmonics (shN) are not supported")
+        images = {}
+        for key, files in FILES.items():
+            if len(meta[key]["files"]) != len(files):
+                raise ValueError(f"meta.json {key}.files must name {len(files)} image(s)")
+            for name in meta[key]["files"]:
+                if name not in names:
+                    raise ValueError(f".sog archive lacks {name}, named by meta.json")
+                with Image.open(io.BytesIO(archive.read(name))) as image:
+                    images[name] = np.asarray(image.convert("RGBA"))
+    for key in ("scales", "sh0"):
+        if len(meta[key]["codebook"]) != CODEBOOK_SIZE:
+            raise ValueError(f"meta.json {key}.codebook must have {CODEBOOK_SIZE} entries")
+    sizes = {image.shape[:2] for image in images.values()}
+    count = meta["count"]
+    if len(sizes) != 1:
+        raise ValueError(f".sog images differ in size: {sorted(sizes)}")
+    height, width = sizes.pop()
+    if not isinstance(count, int) or not 0 <= count <= width * height:
+        raise ValueError(f"count {count!r} does not fit {width} x {height} images")
+    return meta, images
+
+
+# --- quantization (on the Gaussians' device) --------------------------------------------------
+
+
+def _quantize(g: Gaussians, texels: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor): each image as (texels, channels) uint8, the largest to encode first, and
+    the float32 meta values (mins, maxs, scales_codebook, sh0_codebook).
+
+    Works on (N,) component planes: the pipeline's (N, k) tensors are column-major views, whose
+    columns are contiguous, and elementwise kernels on them are ~50x faster on the CPU than
+    reductions along a strided row.
+    """
+    pad = texels - len(g)
+
+    def image(*channels: torch.Tensor) -> torch.Tensor:
+        t = torch.stack(channels, dim=1)
+        return torch.cat([t, t[-1:].expand(pad, -1)]) if pad else t
+
+    low, high, mins, maxs = _positions(_planes(g.means))
+    yield "mins", mins
+    yield "maxs", maxs
+    yield "means_l", image(*low)
+    yield "quats", image(*_quaternions(_planes(g.quaternions)))
+    tiny = torch.finfo(torch.float32).tiny
+    codebook, labels = _codebook_labels([s.clamp_min(tiny).log() for s in _planes(g.scales)])
+    yield "scales_codebook", codebook
+    yield "scales", image(*labels)
+    srgb = linear_to_srgb(g.colors.float())
+    codebook, labels = _codebook_labels([(c - 0.5) / SH_C0 for c in srgb.unbind(1)])
+    yield "sh0_codebook", codebook
+    alpha = (g.opacities.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
+    yield "sh0", image(*labels, alpha)
+    yield "means_u", image(*high)
+
+
+def _planes(t: torch.Tensor) -> list[torch.Tensor]:
+    return [c.float() for c in t.unbind(1)]
+
+
+def _positions(
+    axes: list[torch.Tensor],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Low and high bytes per axis, and mins, maxs: (3,) float32 log-space range (one width)."""
+    logs = [torch.sign(p) * torch.log1p(p.abs()) for p in axes]
+    extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in logs])  # (3, 2)
+    mins = extremes[:, 0]
+    maxs = mins + (extremes[:, 1] - mins).amax()
+    # The readers scale by (maxs - mins), so quantize by exactly that float32 difference.
+    scale = 65535 / (maxs - mins).clamp_min(torch.finfo(torch.float32).tiny)
+    low, high = [], []
+    for t, m, k in zip(logs, mins, scale):
+        n = ((t - m) * k).round_().clamp_(0, 65535).to(torch.int32)
+        low.append((n & 0xFF).to(torch.uint8))
+        high.append((n >> 8).to(torch.uint8))
+    return low, high, mins, maxs
+
+
+def _quaternions(q: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Smallest-three bytes (R, G, B) and 252 + the largest's index (A) of (w, x, y, z) planes."""
+    w, x, y, z = q
+    norm = (w * w + x * x + y * y + z * z).sqrt()
+    zero = norm == 0
+    w, norm = torch.where(zero, 1.0, w), torch.where(zero, 1.0, norm)  # zero -> the identity
+    # The largest |component|, the first of equal maxima, and its value.
+    largest = torch.zeros_like(w, dtype=torch.uint8)
+    peak, value = w.abs(), w
+    for index, c in enumerate((x, y, z), start=1):
+        greater = c.abs() > peak
+        largest = torch.where(greater, index, largest)
+        peak = torch.maximum(peak, c.abs())
+        value = torch.where(greater, c, value)
+    # q and -q are one rotation: make the dropped component positive, as the reader assumes,
+    # and fold that sign, the normalization and the byte scale into one factor.
+    factor = torch.where(value < 0, -_SQRT2 * 127.5, _SQRT2 * 127.5) / norm
+    others = (  # the three others in (w, x, y, z) order; see _OTHERS
+        torch.where(largest == 0, x, w),
+        torch.where(largest <= 1, y, x),
+        torch.where(largest <= 2, z, y),
+    )
+    stored = [(c * factor + 127.5).round_().clamp_(0, 255).to(torch.uint8) for c in others]
+    return [*stored, largest + 252]
+
+
+def _codebook_labels(columns: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One sorted 256-entry codebook for the pooled columns and each column's uint8 labels."""
+    values = torch.cat(columns)
+    low, high = torch.aminmax(values)
+    bins = CODEBOOK_BINS
+    span = (high - low).clamp_min(torch.finfo(torch.float32).tiny)
+    index = ((values - low) * (bins / span)).to(torch.int32).clamp_(0, bins - 1)
+    # index_add_ rather than bincount, which synchronizes with the host on CUDA to size its result.
+    ones = values.new_ones(()).expand_as(values)
+    counts = torch.zeros(bins, device=values.device).index_add_(0, index, ones)
+    codebook = _codebook(counts, low, span)
+    # The nearest entry by table: below[b] entries' midpoints lie at or below bin b's left edge,
+    # so a value in bin b is nearest to entry below[b], or the next one past its midpoint. A bin
+    # holding two midpoints can give the second-nearest entry, within one bin width (span/4096),
+    # which never exceeds half the largest gap (at least span/510).
+    midpoints = (codebook[1:] + codebook[:-1]) / 2
+    edges = low + torch.arange(bins, device=values.device) * (span / bins)
+    below = torch.bucketize(edges, midpoints, right=True).to(torch.int32)
+    next_midpoint = torch.cat([midpoints, high[None] + span])[below]
+    lower = below.to(torch.uint8).index_select(0, index)
+    labels = lower + (values > next_midpoint.index_select(0, index)).to(torch.uint8)
+    return codebook, list(labels.split(len(columns[0])))
+
+
+def _codebook(counts: torch.Tensor, low: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """(256,) float32 entries, ascending, the first and last at the values' extremes, from the
+    values' histogram: counts over CODEBOOK_BINS equal bins from low to low + span.
+
+    A fixed count of Lloyd iterations, small steps on the device without host synchronization.
+    """
+    bins, k, device = len(counts), CODEBOOK_SIZE, counts.device
+    centres = low + (torch.arange(bins, device=device) + 0.5) * (span / bins)
+    weights = torch.where(counts > 0, counts.pow(CODEBOOK_ALPHA), 0.0)
+    high = low + span
+    # Start from the weighted quantiles.
+    cumulative = weights.cumsum(0)
+    targets = (torch.arange(k, device=device) + 0.5) * (cumulative[-1] / k)
+    codebook = centres[torch.searchsorted(cumulative, targets).clamp(max=bins - 1)]
+    for _ in range(CODEBOOK_ITERATIONS):
+        codebook = _pin(codebook, low, high)
+        nearest = torch.bucketize(centres, (codebook[1:] + codebook[:-1]) / 2)
+        total = torch.zeros(k, device=device).index_add_(0, nearest, weights * centres)
+        mass = torch.zeros(k, device=device).index_add_(0, nearest, weights)
+        codebook = torch.where(mass > 0, total / mass.clamp_min(1e-30), codebook).sort().values
+    return _pin(codebook, low, high)
+
+
+def _pin(codebook: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    return torch.cat([low[None], codebook[1:-1], high[None]])
+
+
+def _to_host(values: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The tensors as NumPy arrays, from one device-to-host copy of their concatenated bytes."""
+    flat = [t.contiguous().view(torch.uint8).reshape(-1) for t in values.values()]
+    host = torch.cat(flat).cpu().numpy() if flat else np.empty(0, np.uint8)
+    arrays, offset = {}, 0
+    for (name, t), f in zip(values.items(), flat):
+        dtype = np.uint8 if t.dtype == torch.uint8 else np.float32
+        arrays[name] = host[offset : offset + f.numel()].view(dtype).reshape(t.shape)
+        offset += f.numel()
+    return arrays
+
+
+# --- WebP and ZIP -----------------------------------------------------------------------------
+
+
+def _webp(texels: np.ndarray, width: int, height: int, method: int, quality: int) -> bytes:
+    """Lossless WebP of (width * height, channels) uint8 texels, RGB or RGBA."""
+    image = Image.fromarray(np.ascontiguousarray(texels).reshape(height, width, -1))
+    buffer = io.BytesIO()
+    # exact: keep the colour of texels whose alpha is 0 (opacity-0 Gaussians) as it is.
+    image.save(buffer, "WEBP", lossless=True, method=method, quality=quality, exact=True)
+    return buffer.getvalue()
+
+
+def _zip(members: list[tuple[str, bytes]]) -> bytes:
+    """A ZIP of the members, stored uncompressed, with fixed timestamps and attributes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+            info.create_system = 3  # Unix, whichever system writes it
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    return buffer.getvalue()
