@@ -82,11 +82,13 @@ def _too_large_message(output: EncodedSplat, max_inline_bytes: int, has_bucket: 
             "to receive it as a presigned URL"
         ]
     )
-    smaller = [name for name in FORMATS if name != output.format]
-    remedies.append(
-        f"request a smaller output: a more compact output_format ({', '.join(smaller)}) "
-        "and/or fewer Gaussians (max_gaussians, min_opacity)"
-    )
+    # The formats smaller than this one for the same Gaussians, smallest ("sog") first; bytes a
+    # Gaussian: sog ~7.5, spz ~8.5, splat 32, ply 56.
+    by_size = [name for name in ("sog", "spz", "splat", "ply") if name in FORMATS]
+    smaller = by_size[: by_size.index(output.format)] if output.format in by_size else by_size
+    fewer = "fewer Gaussians (max_gaussians, min_opacity)"
+    compact = f"a more compact output_format ({', '.join(smaller)}) and/or " if smaller else ""
+    remedies.append(f"request a smaller output: {compact}{fewer}")
     return (
         f"the {output.format} result is {size:,} bytes ({base64_size(size):,} as base64), over "
         f"the inline limit of {max_inline_bytes:,} base64 bytes (SHARP_MAX_INLINE_BYTES; "

@@ -5,21 +5,26 @@
     compression, about 4x smaller than the .ply after it; quantized (positions to 0.24 mm).
   * "splat": antimatter15's 32-byte rows (engine.splats.formats.splat): exact positions and scales,
     8-bit colours and rotations; 1.75x smaller than the .ply.
+  * "sog": PlayCanvas's SOG v2 (engine.splats.formats.sog): a ZIP of lossless WebP images laid out
+    in SHARP's pixel grid, the smallest (about 7.5 bytes a Gaussian, ~8x smaller than the .ply);
+    16-bit log-space positions, 256-entry codebooks for scales and colours.
 
 None of them has a registered media type, so all are served as application/octet-stream. A
 .spz of version 2-3 is itself a gzip file: serve it as is, without Content-Encoding: gzip, or
-HTTP clients will unpack it before the viewer sees it.
+HTTP clients will unpack it before the viewer sees it. A .sog is a ZIP archive whose members are
+stored uncompressed; the viewers unpack it themselves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.splats.formats.sog import write_sog
 from engine.splats.formats.splat import write_splat
 from engine.splats.formats.spz import DEFAULT_VERSION, write_spz
 from engine.splats.gaussians import Gaussians
 
-FORMATS: tuple[str, ...] = ("ply", "spz", "splat")
+FORMATS: tuple[str, ...] = ("ply", "spz", "splat", "sog")
 MEDIA_TYPE = "application/octet-stream"
 
 
@@ -62,6 +67,8 @@ def encode(
         data = write_spz(gaussians, version=spz_version)
     elif format == "splat":
         data = write_splat(gaussians)
+    elif format == "sog":
+        data = write_sog(gaussians)  # SHARP's grid layout when all 2 x 768 x 768 are there
     else:
         raise ValueError(f"unknown splat format {format!r}; choose one of {', '.join(FORMATS)}")
     return EncodedSplat(data=data, format=format, media_type=MEDIA_TYPE, extension=f".{format}")
