@@ -1,4 +1,5 @@
-"""`sharp-runpod` command line: predict splats for images and folders of images."""
+"""`sharp-runpod` command line: predict splats for images and folders of images, convert splat
+files between formats."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from tqdm import tqdm
 from engine.io.checkpoint import DEFAULT_CHECKPOINT_URL, TINY_UNTRAINED, CheckpointError
 from engine.results import PLY_LAYOUTS, OutputOptions, encode_prediction
 from engine.runtime.predictor import SharpPredictor
-from engine.splats.formats import FORMATS
+from engine.splats.formats import FORMATS, encode
 from engine.splats.formats.spz import DEFAULT_VERSION, VERSIONS
+from engine.splats.gaussians import Gaussians
 
 logger = logging.getLogger("sharp-runpod")
 
@@ -53,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-gaussians", type=int, default=None, help="keep at most this many, the most visible"
     )
     predict.set_defaults(run=run_predict)
+    convert = commands.add_parser(
+        "convert",
+        help="convert a splat file (.ply, .spz, .splat, .sog) to the format of -o's suffix",
+    )
+    convert.add_argument("input", type=Path, help="a 3DGS .ply (SH degree 0), .spz, .splat or .sog")
+    convert.add_argument(
+        "-o", "--output", type=Path, required=True, help=f"output file: .{', .'.join(FORMATS)}"
+    )
+    convert.add_argument("--spz-version", type=int, default=DEFAULT_VERSION, choices=VERSIONS)
+    convert.set_defaults(run=run_convert)
     commands.add_parser(
         "build-engine", help="export the network and compile it (python export/build_engine.py)"
     )
@@ -142,6 +154,71 @@ def run_predict(args: argparse.Namespace) -> int:
     if failures:
         logger.error("%d of %d images failed", failures, len(images))
     return 1 if failures else 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """One splat file to another format: 2 for bad arguments, 1 for a file that fails."""
+    source, target = args.input, args.output
+    source_format, target_format = (p.suffix.lower().lstrip(".") for p in (source, target))
+    if target_format not in FORMATS:
+        logger.error("-o must end in .%s, got %r", ", .".join(FORMATS), target.name)
+        return 2
+    if source_format not in FORMATS:
+        logger.error("cannot read %s: the input must end in .%s", source, ", .".join(FORMATS))
+        return 2
+    if not source.is_file():
+        logger.error("no such file: %s", source)
+        return 2
+    if target.resolve() == source.resolve():
+        logger.error("the output would overwrite the input %s", source)
+        return 2
+    start = time.perf_counter()
+    try:
+        gaussians = _read_splats(source_format, source.read_bytes())
+        if len(gaussians) == 0:
+            raise ValueError("the file holds no Gaussians")
+        # Image size and focal length are metadata of the sharp .ply layout only; convert
+        # writes the standard layout, so they are placeholders.
+        encoded = encode(
+            gaussians,
+            target_format,
+            image_width=1,
+            image_height=1,
+            focal_length_px=1.0,
+            spz_version=args.spz_version,
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(encoded.data)
+    except (ValueError, OSError) as error:  # unreadable or malformed input, I/O
+        logger.error("%s: conversion failed: %s", source, error)
+        return 1
+    print(
+        f"{source}: {len(gaussians):,} Gaussians -> {target} ({len(encoded.data):,} bytes, "
+        f"{time.perf_counter() - start:.2f} s)"
+    )
+    return 0
+
+
+def _read_splats(format: str, data: bytes) -> Gaussians:
+    """Gaussians from a file's bytes in one of FORMATS."""
+    if format == "ply":
+        from engine.splats.formats.ply import read_ply
+
+        contents = read_ply(data)
+        if any(name.startswith("f_rest_") for name in contents.vertices.dtype.names):
+            logger.warning("dropping the .ply's higher-order spherical harmonics (f_rest_*)")
+        return contents.gaussians
+    if format == "spz":
+        from engine.splats.formats.spz import read_spz
+
+        return read_spz(data)
+    if format == "splat":
+        from engine.splats.formats.splat import read_splat
+
+        return read_splat(data)
+    from engine.splats.formats.sog import read_sog
+
+    return read_sog(data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
