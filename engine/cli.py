@@ -4,7 +4,9 @@ files between formats."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -12,9 +14,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine.io.checkpoint import DEFAULT_CHECKPOINT_URL, TINY_UNTRAINED, CheckpointError
+from engine.io.checkpoint import TINY_UNTRAINED, CheckpointError
+from engine.io.images import decode_image
 from engine.results import PLY_LAYOUTS, OutputOptions, encode_prediction
+from engine.runtime.numerics import configure_numerics
 from engine.runtime.predictor import SharpPredictor
+from engine.settings import DEFAULT_CHECKPOINT_URL, DEVICES, Settings, SettingsError
 from engine.splats.formats import FORMATS, encode
 from engine.splats.formats.spz import DEFAULT_VERSION, VERSIONS
 from engine.splats.gaussians import Gaussians
@@ -35,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"local .pt file, http(s) URL, hf://owner/repo[/file], or '{TINY_UNTRAINED}' "
         f"(default: Apple's published checkpoint, {DEFAULT_CHECKPOINT_URL})",
     )
-    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    predict.add_argument(
+        "--device", default=None, choices=DEVICES, help="default: $SHARP_DEVICE, else auto"
+    )
     predict.add_argument(
         "--focal-px", type=float, default=None, help="focal length in pixels (default: from EXIF)"
     )
@@ -117,7 +124,15 @@ def run_predict(args: argparse.Namespace) -> int:
         logger.error("--max-gaussians must be at least 1")
         return 2
     try:
-        predictor = SharpPredictor.from_checkpoint(args.checkpoint, device=args.device)
+        # The CLI serves with an engine that is already built (sharp-runpod build-engine);
+        # building one is minutes of work a one-off command should not start behind the user.
+        settings = dataclasses.replace(
+            args.settings,
+            checkpoint=args.checkpoint or args.settings.checkpoint,
+            device=args.device or args.settings.device,
+            engine_build=False,
+        )
+        predictor = SharpPredictor.from_settings(settings)
     except (CheckpointError, RuntimeError) as error:
         logger.error("%s", error)
         return 2
@@ -134,7 +149,10 @@ def run_predict(args: argparse.Namespace) -> int:
     for path, stem in progress:
         start = time.perf_counter()
         try:
-            prediction = predictor.predict(path.read_bytes(), focal_length_px=args.focal_px)
+            image = decode_image(
+                path.read_bytes(), focal_length_px=args.focal_px, max_pixels=settings.max_pixels
+            )
+            prediction = predictor.predict(image)
             result = encode_prediction(prediction, options)
             encoded = result.splat
             target = args.output / stem.parent / (stem.name + encoded.extension)
@@ -223,12 +241,16 @@ def _read_splats(format: str, data: bytes) -> Gaussians:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["build-engine"]:  # the build-time export has its own options
-        from export.build_engine import main as build_engine
-
-        return build_engine(argv[1:])
+    if argv[:1] == ["build-engine"]:  # the build tool, in its own process, with its own options
+        return subprocess.call([sys.executable, "-m", "export.build_engine", *argv[1:]])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    try:
+        args.settings = Settings.from_env().engine
+    except SettingsError as error:
+        print(f"sharp-runpod: {error}", file=sys.stderr)
+        return 2
+    configure_numerics()
     return args.run(args)
 
 

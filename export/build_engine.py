@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +100,10 @@ def build_engine(options: BuildOptions, settings: EngineSettings) -> BuildResult
             "skipped",
             "no GPU: nothing a GPU worker could load; it builds its engine at first start",
         )
+    if options.expect_key:  # a worker's child: skip loading anything when another build runs
+        early = _locked_or_present(kind, options, output_dir)
+        if early is not None:
+            return early
     if spec != TINY_UNTRAINED:
         try:
             resolve_checkpoint(spec, settings.cache_dir)  # downloads into the cache for a URL
@@ -156,6 +161,18 @@ def build_engine(options: BuildOptions, settings: EngineSettings) -> BuildResult
         f"built and validated {target} ({plan.describe()}) in {manifest['build_seconds']} s",
         manifest,
     )
+
+
+def _locked_or_present(kind: str, options: BuildOptions, output_dir: Path) -> BuildResult | None:
+    """From the worker's key alone: the artifact is there already, or a live build holds it."""
+    precision = options.precision or "fp32"
+    name = ArtifactKey.filename_for(kind, precision, options.expect_key)
+    if (output_dir / name).is_file():
+        return BuildResult("present", f"{output_dir / name} exists")
+    owner = BuildLock(output_dir / (name + ".lock")).owner()
+    if owner is not None:
+        return BuildResult("locked", f"{name} is being built by {owner}")
+    return None
 
 
 def _build(
@@ -252,6 +269,19 @@ def _apple_parity(
     return compare_with_apple(network.float(), checkpoint, device)
 
 
+def _exit_with_parent() -> None:
+    """A worker's build must not outlive it: its lock then goes stale and the next one rebuilds."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        logger.error("The worker that started this build is gone; stopping")
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="build-engine",
@@ -298,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--expect-key", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--nice", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -308,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.nice:
         os.nice(args.nice)  # a child of a serving worker yields the CPU to its requests
+    if args.exit_with_parent:
+        _exit_with_parent()
     try:
         settings = Settings.from_env().engine
         blocks = (

@@ -8,6 +8,7 @@ adds `--rp_serve_api --rp_api_host 0.0.0.0 --rp_api_port 8000`, for `docker run 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 
@@ -15,9 +16,10 @@ import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
 from engine.io.checkpoint import CheckpointError
+from engine.runtime.numerics import configure_numerics
+from engine.settings import Settings, SettingsError
 
 from .model import DeviceError, load_predictor
-from .settings import SettingsError, WorkerSettings
 from .storage import ResultBucket
 from .worker import SharpWorker
 
@@ -26,10 +28,12 @@ logger = logging.getLogger("handler")
 LOCAL_API_ARGS = ("--rp_serve_api", "--rp_api_host", "0.0.0.0", "--rp_api_port", "8000")
 
 
-def build_worker(settings: WorkerSettings) -> SharpWorker:
+def build_worker(settings: Settings) -> SharpWorker:
     logger.info("Settings: %s", settings)
-    bucket = ResultBucket(settings.bucket) if settings.bucket is not None else None
-    return SharpWorker(settings, load_predictor(settings), bucket)
+    bucket = ResultBucket(settings.worker.bucket) if settings.worker.bucket is not None else None
+    predictor = load_predictor(settings)
+    atexit.register(predictor.runtime.close)  # a build still running dies with the worker
+    return SharpWorker(settings, predictor, bucket)
 
 
 def main() -> None:
@@ -38,16 +42,17 @@ def main() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     try:
-        settings = WorkerSettings.from_env()
+        settings = Settings.from_env()
+        configure_numerics()
         worker = build_worker(settings)
     except (SettingsError, DeviceError, CheckpointError) as error:
         logger.error("The worker cannot start: %s", error)
         sys.exit(1)
-    if settings.local_api and "--rp_serve_api" not in sys.argv:
+    if settings.worker.local_api and "--rp_serve_api" not in sys.argv:
         sys.argv.extend(LOCAL_API_ARGS)
     # The SDK's default level is DEBUG, at which it logs every job's whole output: here tens
     # of megabytes of base64 per job. Its --rp_log_level argument still overrides this.
-    RunPodLogger().set_level(settings.sdk_log_level)
+    RunPodLogger().set_level(settings.worker.sdk_log_level)
     runpod.serverless.start({"handler": worker})
 
 

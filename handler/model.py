@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -12,9 +13,9 @@ import torch
 from PIL import Image
 
 from engine.io.checkpoint import HF_DEFAULT_FILENAME
+from engine.io.images import decode_image
 from engine.runtime.predictor import SharpPredictor
-
-from .settings import WorkerSettings
+from engine.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +86,16 @@ def is_device_fault(error: BaseException, device: torch.device) -> bool:
     return isinstance(error, RuntimeError) and any(m in str(error) for m in _DEVICE_FAULT_MARKERS)
 
 
-def checkpoint_spec(settings: WorkerSettings) -> str | None:
+def checkpoint_spec(settings: Settings) -> str | None:
     """`hf://owner/repo[/file]` resolves to RunPod's model cache when the file is there."""
-    spec = settings.checkpoint
+    spec = settings.engine.checkpoint
     if spec is None or not spec.startswith("hf://"):
         return spec
-    cached = find_in_hf_cache(spec, settings.hf_cache_dir)
+    cached = find_in_hf_cache(spec, settings.worker.hf_cache_dir)
     if cached is None:
-        logger.info("%s is not in the model cache %s; downloading it", spec, settings.hf_cache_dir)
+        logger.info(
+            "%s is not in the model cache %s; downloading it", spec, settings.worker.hf_cache_dir
+        )
         return spec
     logger.info("Using %s from the model cache: %s", spec, cached)
     return str(cached)
@@ -118,11 +121,18 @@ def find_in_hf_cache(spec: str, hub_dir: Path) -> Path | None:
     return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
 
 
-def load_predictor(settings: WorkerSettings) -> SharpPredictor:
-    """Check the device, load the checkpoint, and run one warm-up prediction."""
-    device = select_device(settings.device)
+def load_predictor(settings: Settings) -> SharpPredictor:
+    """Check the device, load the checkpoint, start the runtime, and warm up once.
+
+    The runtime serves eager at once and, when the engine of SHARP_BACKEND is not cached,
+    builds it in a child process; the worker switches to it between jobs.
+    """
+    device = select_device(settings.engine.device)
     start = time.perf_counter()
-    predictor = SharpPredictor.from_checkpoint(checkpoint_spec(settings), device=device)
+    engine = dataclasses.replace(
+        settings.engine, device=device.type, checkpoint=checkpoint_spec(settings)
+    )
+    predictor = SharpPredictor.from_settings(engine)
     logger.info(
         "Loaded %s on %s (%s, %s) in %.1f s%s",
         predictor.checkpoint.name,
@@ -132,8 +142,6 @@ def load_predictor(settings: WorkerSettings) -> SharpPredictor:
         time.perf_counter() - start,
         " [UNTRAINED: not a real reconstruction]" if predictor.checkpoint.untrained else "",
     )
-    for entry in predictor.backend_report:
-        logger.info("Backend %s", entry)
     warm_up(predictor)
     return predictor
 
@@ -141,7 +149,7 @@ def load_predictor(settings: WorkerSettings) -> SharpPredictor:
 def warm_up(predictor: SharpPredictor) -> None:
     """One prediction before the first job, so that lazy initialisation is not a job's cost."""
     start = time.perf_counter()
-    predictor.predict(_warm_up_image())
+    predictor.predict(decode_image(_warm_up_image()))
     if predictor.device.type == "cuda":
         torch.cuda.empty_cache()
     logger.info("Warm-up prediction took %.1f s", time.perf_counter() - start)

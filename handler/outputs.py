@@ -13,9 +13,9 @@ from typing import Any
 
 from engine.results import EmptyResultError, OutputOptions, encode_prediction
 from engine.runtime.predictor import Prediction
+from engine.settings import BUCKET_ENV
 from engine.splats.formats import FORMATS, EncodedSplat
 
-from .settings import BUCKET_ENV
 from .storage import ResultBucket
 
 

@@ -17,7 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from runpod.serverless.utils.rp_upload import extract_region_from_url
 
-from .settings import BucketSettings
+from engine.settings import BucketSettings
 
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 

@@ -20,12 +20,12 @@ import torch
 
 from engine.io.images import ImageDecodeError, decode_image
 from engine.runtime.predictor import SharpPredictor
+from engine.settings import Settings
 
 from .fetch import FetchError, FetchPolicy
 from .inputs import InputError, JobRequest, image_bytes, parse_request
 from .model import gpu_healthy, is_device_fault
 from .outputs import DeliveryError, check_deliverable, deliver, encode
-from .settings import WorkerSettings
 from .storage import ResultBucket, UploadError
 
 logger = logging.getLogger(__name__)
@@ -38,22 +38,25 @@ class SharpWorker:
 
     def __init__(
         self,
-        settings: WorkerSettings,
+        settings: Settings,
         predictor: SharpPredictor,
         bucket: ResultBucket | None,
     ) -> None:
-        self.settings = settings
+        self.settings = settings.worker
+        self.max_pixels = settings.engine.max_pixels
         self.predictor = predictor
         self.bucket = bucket
         self.fetch_policy = FetchPolicy(
-            max_bytes=settings.max_image_bytes,
-            connect_timeout_s=settings.url_connect_timeout_s,
-            total_timeout_s=settings.url_timeout_s,
-            allow_private=settings.allow_private_urls,
+            max_bytes=self.settings.max_image_bytes,
+            connect_timeout_s=self.settings.url_connect_timeout_s,
+            total_timeout_s=self.settings.url_timeout_s,
+            allow_private=self.settings.allow_private_urls,
         )
 
     def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
         job_id = str(job.get("id", "local"))
+        # Between jobs: a finished engine build takes over from here (checked without blocking).
+        self.predictor.poll()
         try:
             return self.run(job_id, job.get("input"))
         except CLIENT_ERRORS as error:
@@ -78,7 +81,7 @@ class SharpWorker:
             data = image_bytes(request, self.fetch_policy)
         with _timed(timings, "decode"):
             image = decode_image(
-                data, focal_length_px=request.focal_length_px, max_pixels=self.settings.max_pixels
+                data, focal_length_px=request.focal_length_px, max_pixels=self.max_pixels
             )
         prediction = self.predictor.predict(image)
         timings.update(
@@ -110,8 +113,6 @@ class SharpWorker:
             # The request's own: the predictor may switch backend once a compile validates.
             "backend": prediction.backend,
             "precision": prediction.precision,
-            # Which backends were tried and why any was refused (e.g. failed validation).
-            "backend_report": self.predictor.backend_report,
             "device": str(self.predictor.device),
             "model": {
                 "checkpoint": self.predictor.checkpoint.name,

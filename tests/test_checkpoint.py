@@ -16,7 +16,6 @@ from engine.io.checkpoint import (
     TINY_UNTRAINED,
     CheckpointError,
     build_untrained,
-    cache_dir,
     download,
     file_digest,
     load_network,
@@ -123,14 +122,6 @@ def test_tiny_untrained_is_deterministic_and_labelled():
     again = build_untrained()
     for (key, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), key
-
-
-def test_cache_dir_follows_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("SHARP_CACHE_DIR", str(tmp_path / "cache"))
-    assert cache_dir() == tmp_path / "cache"
-    monkeypatch.delenv("SHARP_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() in (tmp_path / "xdg" / "sharp-runpod", Path("/runpod-volume/sharp-cache"))
 
 
 def test_file_digest_is_cached_and_tracks_changes(tmp_path):

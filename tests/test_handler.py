@@ -32,7 +32,8 @@ from engine.splats.formats.ply import read_ply, vertex_rows
 from engine.splats.formats.spz import read_spz
 from handler.inputs import parse_request
 from handler.outputs import base64_size, encode
-from handler.settings import DEFAULT_MAX_INLINE_BYTES
+from engine.io.images import decode_image
+from engine.settings import DEFAULT_MAX_INLINE_BYTES
 
 IMAGE = SAMPLE.read_bytes()
 IMAGE_B64 = base64.b64encode(IMAGE).decode()
@@ -73,7 +74,7 @@ def strict_worker(tmp_path_factory):
 def reference():
     """The engine's own output for the sample, in this process (the model is deterministic)."""
     predictor = SharpPredictor.from_checkpoint("tiny-untrained", device="cpu")
-    prediction = predictor.predict(IMAGE)
+    prediction = predictor.predict(decode_image(IMAGE))
     return prediction, vertex_rows(prediction.gaussians).numpy()
 
 

@@ -1,4 +1,4 @@
-"""The worker's parts on their own: settings, input parsing, the URL fetcher, delivery.
+"""The worker's parts on their own: input parsing, the URL fetcher, delivery.
 
 The fetcher tests resolve names with a resolver they control and connect through a connector
 they control, so that "public" addresses lead to a server on 127.0.0.1: no traffic leaves the
@@ -26,7 +26,7 @@ from handler.fetch import FetchError, FetchPolicy, fetch, is_public_address
 from handler.inputs import InputError, decode_base64_image, parse_request
 from handler.model import checkpoint_spec, find_in_hf_cache, is_device_fault
 from handler.outputs import DeliveryError, base64_size, deliver, encode
-from handler.settings import DEFAULT_MAX_INLINE_BYTES, SettingsError, WorkerSettings
+from engine.settings import Settings, WorkerSettings
 from handler.storage import ResultBucket, UploadError
 from handler.worker import SharpWorker
 
@@ -34,64 +34,6 @@ PUBLIC_IP = "93.184.215.14"  # any global address; the connector below never dia
 POLICY = FetchPolicy(
     max_bytes=1_000_000, connect_timeout_s=2, total_timeout_s=5, allow_private=False
 )
-
-
-# --- settings ----------------------------------------------------------------------------
-
-
-def test_defaults():
-    settings = WorkerSettings.from_env({})
-    assert settings.checkpoint is None and settings.device == "auto"
-    assert settings.max_inline_bytes == DEFAULT_MAX_INLINE_BYTES == 19_000_000
-    assert settings.max_image_bytes == 25_000_000 and settings.url_timeout_s == 30
-    assert not settings.allow_private_urls and settings.bucket is None and not settings.local_api
-    assert str(settings.hf_cache_dir) == "/runpod-volume/huggingface-cache/hub"
-
-
-def test_empty_values_count_as_unset():
-    settings = WorkerSettings.from_env({"SHARP_DEVICE": "", "BUCKET_ENDPOINT_URL": " "})
-    assert settings.device == "auto" and settings.bucket is None
-
-
-def test_bucket_settings_hide_the_secret():
-    env = {
-        "BUCKET_ENDPOINT_URL": "https://s3.example.com",
-        "BUCKET_ACCESS_KEY_ID": "id",
-        "BUCKET_SECRET_ACCESS_KEY": "very-secret",
-        "SHARP_URL_EXPIRY_S": "600",
-    }
-    settings = WorkerSettings.from_env(env)
-    assert settings.bucket.url_expiry_s == 600 and settings.bucket.name is None
-    assert "very-secret" not in repr(settings)
-
-
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        ({"SHARP_DEVICE": "gpu"}, "SHARP_DEVICE must be one of auto, cpu, cuda"),
-        ({"SHARP_MAX_INLINE_BYTES": "lots"}, "SHARP_MAX_INLINE_BYTES must be a whole number"),
-        ({"SHARP_MAX_PIXELS": "0"}, "SHARP_MAX_PIXELS must be at least 1"),
-        ({"SHARP_URL_TIMEOUT_S": "-1"}, "SHARP_URL_TIMEOUT_S must be a positive number"),
-        ({"SHARP_URL_EXPIRY_S": "9999999"}, "at most 604,800"),
-        ({"RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "on"}, "must be one of 1, true, yes"),
-        ({"BUCKET_ENDPOINT_URL": "https://s3.example.com"}, "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET"),
-        (
-            {"BUCKET_ENDPOINT_URL": "s3.example.com", "BUCKET_ACCESS_KEY_ID": "a",
-             "BUCKET_SECRET_ACCESS_KEY": "b"},
-            "must be an http(s) URL",
-        ),
-    ],
-)
-def test_bad_settings_name_the_variable(env, message):
-    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        WorkerSettings.from_env(env)
-
-
-def test_private_url_switch_uses_the_sdk_values():
-    values = [("1", True), ("TRUE", True), ("yes", True), ("0", False), ("no", False)]
-    for value, expected in values:
-        env = {"RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": value}
-        assert WorkerSettings.from_env(env).allow_private_urls is expected
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -367,9 +309,9 @@ def test_hf_reference_is_found_in_runpods_model_cache(tmp_path):
     assert find_in_hf_cache("hf://apple/Sharp", tmp_path) == pinned
     assert find_in_hf_cache("hf://apple/Sharp/other.pt", tmp_path) is None
     env = {"SHARP_CHECKPOINT": "hf://apple/Sharp", "HF_HUB_CACHE": str(tmp_path)}
-    assert checkpoint_spec(WorkerSettings.from_env(env)) == str(pinned)
+    assert checkpoint_spec(Settings.from_env(env)) == str(pinned)
     env["HF_HUB_CACHE"] = str(tmp_path / "empty")
-    assert checkpoint_spec(WorkerSettings.from_env(env)) == "hf://apple/Sharp"
+    assert checkpoint_spec(Settings.from_env(env)) == "hf://apple/Sharp"
 
 
 def test_cpu_errors_are_not_device_faults():
@@ -385,12 +327,15 @@ class FailingPredictor:
         self.error = error
         self.device = torch.device(device)
 
+    def poll(self) -> bool:
+        return False
+
     def predict(self, image):
         raise self.error
 
 
 def failing_worker(error: Exception, device: str = "cuda") -> SharpWorker:
-    return SharpWorker(WorkerSettings.from_env({}), FailingPredictor(error, device), None)
+    return SharpWorker(Settings.from_env({}), FailingPredictor(error, device), None)
 
 
 def run_sdk_job(worker: SharpWorker) -> dict:

@@ -130,7 +130,11 @@ class ArtifactKey:
 
     @property
     def filename(self) -> str:
-        return f"sharp-{self.kind}-{self.precision}-{self.digest()}{_SUFFIX[self.kind]}"
+        return self.filename_for(self.kind, self.precision, self.digest())
+
+    @staticmethod
+    def filename_for(kind: str, precision: str, digest: str) -> str:
+        return f"sharp-{kind}-{precision}-{digest}{_SUFFIX[kind]}"
 
     @property
     def manifest_name(self) -> str:

@@ -90,10 +90,11 @@ def build_command(request: BuildRequest) -> list[str]:
         request.key.digest(),
         "--apple-parity",
         "off",
+        # The child lowers its own priority (no preexec_fn in a threaded parent) and stops when
+        # this worker is gone, so a dead worker's build never runs on unobserved.
         "--nice",
-        str(
-            CHILD_NICENESS
-        ),  # the child lowers its own priority (no preexec_fn in a threaded parent)
+        str(CHILD_NICENESS),
+        "--exit-with-parent",
     ]
 
 
