@@ -372,7 +372,8 @@ def _codebook_labels(columns: list[torch.Tensor]) -> tuple[torch.Tensor, list[to
     # index_add_ rather than bincount, which synchronizes with the host on CUDA to size its result.
     ones = values.new_ones(()).expand_as(values)
     counts = torch.zeros(bins, device=values.device).index_add_(0, index, ones)
-    codebook = _codebook(counts, low, span)
+    sums = torch.zeros(bins, device=values.device).index_add_(0, index, values)
+    codebook = _codebook(counts, sums, low, span)
     # The nearest entry by table: below[b] entries' midpoints lie at or below bin b's left edge,
     # so a value in bin b is nearest to entry below[b], or the next one past its midpoint. A bin
     # holding two midpoints can give the second-nearest entry, within one bin width (span/4096),
@@ -386,24 +387,30 @@ def _codebook_labels(columns: list[torch.Tensor]) -> tuple[torch.Tensor, list[to
     return codebook, list(labels.split(len(columns[0])))
 
 
-def _codebook(counts: torch.Tensor, low: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+def _codebook(
+    counts: torch.Tensor, sums: torch.Tensor, low: torch.Tensor, span: torch.Tensor
+) -> torch.Tensor:
     """(256,) float32 entries, ascending, the first and last at the values' extremes, from the
-    values' histogram: counts over CODEBOOK_BINS equal bins from low to low + span.
+    values' histogram over CODEBOOK_BINS equal bins from low to low + span: each bin's count
+    and the sum of its values (so a bin stands for its values' mean, and a few distinct values
+    get exact entries).
 
     A fixed count of Lloyd iterations, small steps on the device without host synchronization.
     """
     bins, k, device = len(counts), CODEBOOK_SIZE, counts.device
+    occupied = counts > 0
     centres = low + (torch.arange(bins, device=device) + 0.5) * (span / bins)
-    weights = torch.where(counts > 0, counts.pow(CODEBOOK_ALPHA), 0.0)
+    means = torch.where(occupied, sums / counts.clamp_min(1), centres).clamp(low, low + span)
+    weights = torch.where(occupied, counts.pow(CODEBOOK_ALPHA), 0.0)
     high = low + span
     # Start from the weighted quantiles.
     cumulative = weights.cumsum(0)
     targets = (torch.arange(k, device=device) + 0.5) * (cumulative[-1] / k)
-    codebook = centres[torch.searchsorted(cumulative, targets).clamp(max=bins - 1)]
+    codebook = means[torch.searchsorted(cumulative, targets).clamp(max=bins - 1)]
     for _ in range(CODEBOOK_ITERATIONS):
         codebook = _pin(codebook, low, high)
-        nearest = torch.bucketize(centres, (codebook[1:] + codebook[:-1]) / 2)
-        total = torch.zeros(k, device=device).index_add_(0, nearest, weights * centres)
+        nearest = torch.bucketize(means, (codebook[1:] + codebook[:-1]) / 2)
+        total = torch.zeros(k, device=device).index_add_(0, nearest, weights * means)
         mass = torch.zeros(k, device=device).index_add_(0, nearest, weights)
         codebook = torch.where(mass > 0, total / mass.clamp_min(1e-30), codebook).sort().values
     return _pin(codebook, low, high)
