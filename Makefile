@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test serve bench clean
+.PHONY: demo test serve bench gpu-check clean
 
 # One install for demo, tests and CI: the project and its test extras, with torch pinned
 # to the release CI has on disk (a CPU build there; pip picks a CUDA build elsewhere).
@@ -28,6 +28,12 @@ serve: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pytest benchmarks --benchmark-enable
+
+# The GPU acceptance run: every backend timed and validated, results in $OUT or out/gpu_check/
+# (benchmarks/gpu_check.py). The venv's python where there is one; a bare GPU machine has none.
+# Options through ARGS, e.g. `make gpu-check ARGS=--smoke` on a CPU.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .benchmarks
