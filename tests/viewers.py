@@ -9,9 +9,14 @@ Chromium (`apt-get install chromium`):
   * render_in_spark: World Labs' Spark renders the file with three.js's WebGL in headless
     Chromium (WebGL2 on SwiftShader, no GPU needed), one frame from a camera at the origin.
 
-Spark draws a file's coordinates as they are (no axis conversion for any format), in three.js's
-world: y up, cameras looking down their -z. Which camera sees a file as the photo was taken
-therefore depends on the axes the file is in (see POSES and CAPTURE_POSE).
+Spark draws a file's coordinates as they are (no axis conversion for any format, checked with
+Spark 2.2.0 on this project's files), in three.js's world: y up, cameras looking down their -z.
+Which camera sees a file as the photo was taken therefore depends on the axes the file is in
+(POSES, CAPTURE_POSE): for the .ply, .splat and .sog (OpenCV axes) a camera turned half a turn
+about x, looking down +z with -y up; for the .spz (RUB axes) three.js's own camera. The other
+pose sees nothing: the whole scene is behind it. splat-transform likewise decodes every
+format's stored coordinates without converting them, so its .spz statistics have y and z
+negated relative to the .ply's.
 
 When node, the npm packages or Chromium are missing, the helpers call pytest.skip with the
 reason; `make test` installs all three, so CI runs them.
@@ -66,7 +71,9 @@ def require_splat_transform() -> list[str]:
     if node is None:
         pytest.skip("node is not installed (make test installs it with the npm packages)")
     if not SPLAT_TRANSFORM_CLI.is_file():
-        pytest.skip(f"{SPLAT_TRANSFORM_CLI} is missing: run `make tests/js/node_modules/.installed`")
+        pytest.skip(
+            f"{SPLAT_TRANSFORM_CLI} is missing: run `make tests/js/node_modules/.installed`"
+        )
     return [node, str(SPLAT_TRANSFORM_CLI)]
 
 
@@ -77,7 +84,9 @@ def require_spark() -> tuple[str, Path]:
         pytest.skip("node is not installed (make test installs it with the npm packages)")
     for package in ("@sparkjsdev/spark", "three", "playwright-core"):
         if not (NODE_MODULES / package / "package.json").is_file():
-            pytest.skip(f"npm package {package} is missing: run `make tests/js/node_modules/.installed`")
+            pytest.skip(
+                f"npm package {package} is missing: run `make tests/js/node_modules/.installed`"
+            )
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (make test does, as root)")
     return node, CHROMIUM
@@ -102,11 +111,13 @@ def splat_transform_read(path: str | Path, timeout_s: float = 300) -> dict[str, 
     Returns {"format", "count", "sh_bands", "columns": {name: {"min", "max", "median", "mean",
     "stdDev", "nanCount", "infCount"}}, "raw": its whole JSON}. splat-transform decodes every
     format into .ply-style columns (x y z, rot_0..3 as w x y z, scale_0..2, opacity, f_dc_0..2)
-    with no change of axes. Its statistics show scale_* as exp(log scale), opacity as
-    sigmoid(logit) and f_dc_* as colours (0.5 + SH_C0 f_dc), while stdDev is of the stored values.
+    with no change of axes. Its JSON shows scale_* as exp(stored), opacity as sigmoid(stored)
+    and f_dc_* as 0.5 + SH_C0 f_dc, and applies that display transform to every statistic,
+    stdDev included (so a scale's "stdDev" is exp of the log scales' standard deviation).
+    Min, max, mean and stdDev are exact; the median comes from a 1024-bin histogram.
     """
     command = [*require_splat_transform(), "--quiet", str(path), "--stats", "json", "null"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:
         raise RuntimeError(f"splat-transform failed ({done.returncode}) on {path}:\n{done.stderr}")
     start = done.stdout.find("{")
@@ -116,9 +127,7 @@ def splat_transform_read(path: str | Path, timeout_s: float = 300) -> dict[str, 
     (stats,) = raw["stats"]  # one level of detail
     data = stats["data"]
     keys = [k for k in data if k != "histogram"]
-    columns = {
-        name: {key: data[key][i] for key in keys} for i, name in enumerate(stats["columns"])
-    }
+    columns = {name: {key: data[key][i] for key in keys} for i, name in enumerate(stats["columns"])}
     if stats["numGaussians"] != raw["numGaussians"]:
         raise RuntimeError(f"splat-transform's counts disagree: {raw}")
     return {
@@ -147,8 +156,6 @@ def _serve(splat: Path) -> Iterator[str]:
     splat = splat.resolve()
 
     class Handler(SimpleHTTPRequestHandler):
-        extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **_MEDIA_TYPES}
-
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, directory=str(JS_DIR), **kwargs)
 
@@ -221,6 +228,7 @@ def render_in_spark(
         }
         done = subprocess.run(
             [node, str(JS_DIR / "render.mjs"), json.dumps(spec)],
+            check=False,
             capture_output=True,
             text=True,
             timeout=timeout_s + 60,
