@@ -215,7 +215,7 @@ def test_efforts_decode_alike_and_trade_time_for_size(prediction) -> None:
         for name in ("means", "scales", "quaternions", "colors", "opacities"):
             assert torch.equal(getattr(decoded[effort], name), getattr(decoded[0], name)), name
     assert len(files[2]) < len(files[0])
-    assert sorted(EFFORTS) == list(range(7))
+    assert sorted(EFFORTS) == list(range(6))
 
 
 def test_grid_argument_and_the_automatic_layouts() -> None:
@@ -259,7 +259,7 @@ def test_refuses_zero_gaussians_bad_efforts_and_non_finite_values() -> None:
     with pytest.raises(ValueError, match="zero Gaussians"):
         write_sog(tiny_gaussians(0))
     with pytest.raises(ValueError, match="effort"):
-        write_sog(tiny_gaussians(4), effort=7)
+        write_sog(tiny_gaussians(4), effort=6)
     g = tiny_gaussians(4)
     g.means[1, 2] = float("nan")
     with pytest.raises(ValueError, match="finite"):

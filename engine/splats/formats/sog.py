@@ -93,16 +93,18 @@ FILES = {
     "quats": ["quats.webp"],
     "sh0": ["sh0.webp"],
 }
-# WebP (method, quality) per image and effort level, largest images first (encode order).
-# Measured on the tiny model's coffee.jpg result in benchmarks/bench_formats.py.
+# WebP (method, quality) per image and effort level, largest images first (encode order): per
+# image, the fastest setting of each size, measured on the tiny model's coffee.jpg result with
+# libwebp 1.6 (MB, CPU seconds of the five encodes): 0: 9.8, 0.19; 1: 8.4, 0.66; 2: 7.8, 1.1;
+# 3: 7.5, 1.9; 4: 7.46, 4.9; 5: 7.3, 18. Methods 2-4 give identical files; method 1 at quality
+# 25 is the smallest means_l of all.
 EFFORTS: dict[int, dict[str, tuple[int, int]]] = {
     0: {"means_l": (0, 0), "quats": (0, 0), "scales": (0, 0), "sh0": (0, 0), "means_u": (0, 0)},
-    1: {"means_l": (1, 0), "quats": (1, 0), "scales": (0, 0), "sh0": (0, 0), "means_u": (0, 0)},
-    2: {"means_l": (1, 0), "quats": (1, 25), "scales": (1, 0), "sh0": (1, 0), "means_u": (1, 0)},
-    3: {"means_l": (2, 25), "quats": (2, 50), "scales": (2, 25), "sh0": (2, 25), "means_u": (2, 50)},
-    4: {"means_l": (4, 50), "quats": (4, 75), "scales": (4, 50), "sh0": (4, 50), "means_u": (4, 75)},
-    5: {"means_l": (5, 75), "quats": (5, 90), "scales": (5, 75), "sh0": (5, 75), "means_u": (5, 90)},
-    6: {"means_l": (6, 100), "quats": (6, 100), "scales": (6, 100), "sh0": (6, 100), "means_u": (6, 100)},
+    1: {"means_l": (1, 25), "quats": (1, 25), "scales": (0, 0), "sh0": (0, 0), "means_u": (0, 0)},
+    2: {"means_l": (1, 25), "quats": (1, 25), "scales": (1, 0), "sh0": (1, 0), "means_u": (1, 25)},
+    3: {"means_l": (1, 25), "quats": (1, 50), "scales": (2, 25), "sh0": (2, 25), "means_u": (1, 50)},
+    4: {"means_l": (1, 25), "quats": (2, 100), "scales": (5, 75), "sh0": (5, 75), "means_u": (1, 75)},
+    5: {"means_l": (1, 25), "quats": (6, 100), "scales": (5, 100), "sh0": (5, 100), "means_u": (2, 100)},
 }  # fmt: skip
 DEFAULT_EFFORT = 1
 
@@ -148,7 +150,7 @@ def write_sog(
     """Encode Gaussians (OpenCV axes, linear colours) as a bundled .sog, deterministically.
 
     grid: (layers, rows, columns) of the Gaussians' order; see `texture_size`.
-    effort: a key of EFFORTS (0 fastest, 6 smallest).
+    effort: a key of EFFORTS (0 fastest, 5 smallest).
     """
     if effort not in EFFORTS:
         raise ValueError(f"SOG effort must be one of {sorted(EFFORTS)}, got {effort}")
@@ -289,7 +291,9 @@ def _quantize(g: Gaussians, texels: int) -> Iterator[tuple[str, torch.Tensor]]:
 
     Works on (N,) component planes: the pipeline's (N, k) tensors are column-major views, whose
     columns are contiguous, and elementwise kernels on them are ~50x faster on the CPU than
-    reductions along a strided row.
+    reductions along a strided row. In-place steps on fresh temporaries (never on the inputs)
+    spare the CPU the page faults of a new 5-14 MB buffer per step, which cost more than the
+    arithmetic.
     """
     pad = texels - len(g)
 
@@ -303,11 +307,11 @@ def _quantize(g: Gaussians, texels: int) -> Iterator[tuple[str, torch.Tensor]]:
     yield "means_l", image(*low)
     yield "quats", image(*_quaternions(_planes(g.quaternions)))
     tiny = torch.finfo(torch.float32).tiny
-    codebook, labels = _codebook_labels([s.clamp_min(tiny).log() for s in _planes(g.scales)])
+    codebook, labels = _codebook_labels([s.clamp_min(tiny).log_() for s in _planes(g.scales)])
     yield "scales_codebook", codebook
     yield "scales", image(*labels)
-    srgb = linear_to_srgb(g.colors.float())
-    codebook, labels = _codebook_labels([(c - 0.5) / SH_C0 for c in srgb.unbind(1)])
+    sh0 = [linear_to_srgb(c).sub_(0.5).div_(SH_C0) for c in _planes(g.colors)]
+    codebook, labels = _codebook_labels(sh0)
     yield "sh0_codebook", codebook
     alpha = (g.opacities.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
     yield "sh0", image(*labels, alpha)
@@ -322,7 +326,7 @@ def _positions(
     axes: list[torch.Tensor],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Low and high bytes per axis, and mins, maxs: (3,) float32 log-space range (one width)."""
-    logs = [torch.sign(p) * torch.log1p(p.abs()) for p in axes]
+    logs = [p.abs().log1p_().copysign_(p) for p in axes]  # sign(p) ln(1 + |p|)
     extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in logs])  # (3, 2)
     mins = extremes[:, 0]
     maxs = mins + (extremes[:, 1] - mins).amax()
@@ -330,16 +334,16 @@ def _positions(
     scale = 65535 / (maxs - mins).clamp_min(torch.finfo(torch.float32).tiny)
     low, high = [], []
     for t, m, k in zip(logs, mins, scale):
-        n = ((t - m) * k).round_().clamp_(0, 65535).to(torch.int32)
-        low.append((n & 0xFF).to(torch.uint8))
-        high.append((n >> 8).to(torch.uint8))
+        n = t.sub_(m).mul_(k).round_().clamp_(0, 65535).to(torch.int32)
+        low.append(n.to(torch.uint8))  # the conversion keeps the low 8 bits
+        high.append(n.bitwise_right_shift_(8).to(torch.uint8))
     return low, high, mins, maxs
 
 
 def _quaternions(q: list[torch.Tensor]) -> list[torch.Tensor]:
     """Smallest-three bytes (R, G, B) and 252 + the largest's index (A) of (w, x, y, z) planes."""
     w, x, y, z = q
-    norm = (w * w + x * x + y * y + z * z).sqrt()
+    norm = (w * w).addcmul_(x, x).addcmul_(y, y).addcmul_(z, z).sqrt_()
     zero = norm == 0
     w, norm = torch.where(zero, 1.0, w), torch.where(zero, 1.0, norm)  # zero -> the identity
     # The largest |component|, the first of equal maxima, and its value.
@@ -358,7 +362,7 @@ def _quaternions(q: list[torch.Tensor]) -> list[torch.Tensor]:
         torch.where(largest <= 1, y, x),
         torch.where(largest <= 2, z, y),
     )
-    stored = [(c * factor + 127.5).round_().clamp_(0, 255).to(torch.uint8) for c in others]
+    stored = [(c * factor).add_(127.5).round_().clamp_(0, 255).to(torch.uint8) for c in others]
     return [*stored, largest + 252]
 
 
@@ -368,7 +372,7 @@ def _codebook_labels(columns: list[torch.Tensor]) -> tuple[torch.Tensor, list[to
     low, high = torch.aminmax(values)
     bins = CODEBOOK_BINS
     span = (high - low).clamp_min(torch.finfo(torch.float32).tiny)
-    index = ((values - low) * (bins / span)).to(torch.int32).clamp_(0, bins - 1)
+    index = (values - low).mul_(bins / span).to(torch.int32).clamp_(0, bins - 1)
     # index_add_ rather than bincount, which synchronizes with the host on CUDA to size its result.
     ones = values.new_ones(()).expand_as(values)
     counts = torch.zeros(bins, device=values.device).index_add_(0, index, ones)
@@ -382,8 +386,8 @@ def _codebook_labels(columns: list[torch.Tensor]) -> tuple[torch.Tensor, list[to
     edges = low + torch.arange(bins, device=values.device) * (span / bins)
     below = torch.bucketize(edges, midpoints, right=True).to(torch.int32)
     next_midpoint = torch.cat([midpoints, high[None] + span])[below]
-    lower = below.to(torch.uint8).index_select(0, index)
-    labels = lower + (values > next_midpoint.index_select(0, index)).to(torch.uint8)
+    labels = below.to(torch.uint8).index_select(0, index)
+    labels += values > next_midpoint.index_select(0, index)
     return codebook, list(labels.split(len(columns[0])))
 
 
