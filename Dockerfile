@@ -53,10 +53,10 @@ COPY . .
 # hadolint ignore=DL3013
 RUN pip install ".[worker]"
 
-# Prepares the compiled backend from the checkpoint when the image has one (BAKE_WEIGHTS);
-# without network it cannot fetch one, so an image without weights stays without them and
-# the worker finishes the job on its first start. Needs no GPU. The artifacts go outside
-# the cache, which moves to the network volume at run time, and the worker reads them there.
+# The build tool: on a GPU builder it compiles and validates the engine into the image; on a
+# builder without one (the usual case) there is nothing a GPU worker could load, and it says so
+# and exits 0. The worker then builds its engine in a child process at first start, or finds
+# the one `sharp-runpod build-engine` put on the network volume (see the README).
 ENV SHARP_PREBUILT_ENGINE_DIR=/opt/sharp/engines
 RUN --network=none python export/build_engine.py --output-dir /opt/sharp/engines
 
