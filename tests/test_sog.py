@@ -207,6 +207,23 @@ def test_same_input_gives_the_same_bytes_whatever_the_memory_layout(prediction) 
     assert write_sog(doubled) == first
 
 
+def test_the_one_transfer_path_of_a_gpu_writes_the_same_bytes(prediction, monkeypatch) -> None:
+    """Off the CPU, every image and meta value comes to the host in one copy of their bytes."""
+    from engine.splats.formats import sog
+
+    g = prune(prediction.gaussians, max_gaussians=3000, focal_length_px=1000.0)
+    first = write_sog(g)
+    copies = []
+    to_host = sog._to_host
+    monkeypatch.setattr(sog, "_on_host", lambda device: False)
+    monkeypatch.setattr(
+        sog, "_to_host", lambda values: copies.append(set(values)) or to_host(values)
+    )
+    assert write_sog(g) == first
+    images = {"means_l", "means_u", "quats", "scales", "sh0"}
+    assert copies == [images | {"mins", "maxs", "scales_codebook", "sh0_codebook"}]
+
+
 def test_efforts_decode_alike_and_trade_time_for_size(prediction) -> None:
     g = prune(prediction.gaussians, max_gaussians=20_000, focal_length_px=1000.0)
     files = {effort: write_sog(g, effort=effort) for effort in (0, 1, 2)}

@@ -157,7 +157,7 @@ def write_sog(
     n = len(gaussians)
     width, height = texture_size(n, grid)
     settings = EFFORTS[effort]
-    on_host = gaussians.means.device.type == "cpu"
+    on_host = _on_host(gaussians.means.device)
     with torch.no_grad(), ThreadPoolExecutor(min(len(settings), _cpu_count())) as pool:
         webps: dict[str, Future[bytes]] = {}
         values: dict[str, torch.Tensor] = {}
@@ -191,6 +191,10 @@ def write_sog(
             raise ValueError("SOG needs finite positions, scales and colours") from None
         images = [(f"{name}.webp", webps[name].result()) for name in _FILE_ORDER]
     return _zip([("meta.json", meta_json), *images])
+
+
+def _on_host(device: torch.device) -> bool:
+    return device.type == "cpu"
 
 
 def _cpu_count() -> int:
