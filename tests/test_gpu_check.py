@@ -242,6 +242,13 @@ def test_targets(gpu_check):
 
     forward, _, _, accuracy = gpu_check.evaluate_targets(rows[:1], golden=False)
     assert forward["met"] is None and accuracy["met"] is None
+    # Compiled, but in float32 only: the half-precision targets were not measured.
+    forward, *_ = gpu_check.evaluate_targets([rows[0], _row("compile-fp32", 100.0)], False)
+    assert forward["met"] is None and "ran" in forward["note"]
+    # A compiled half-precision backend that fails validation misses the target.
+    failed = _row("compile-fp16", 20.0, passed=False)
+    forward, *_ = gpu_check.evaluate_targets([rows[0], failed], golden=False)
+    assert forward["met"] is False and "passed validation" in forward["note"]
 
 
 def test_golden_check_passes_the_reference_and_catches_an_error(gpu_check, golden_dir, tmp_path):
@@ -268,8 +275,8 @@ def test_golden_check_passes_the_reference_and_catches_an_error(gpu_check, golde
         output = forward(image, disparity_factor)
         return output._replace(opacities=output.opacities + 5e-4)
 
-    assert not golden.check(off, staging, "fp32").passed
-    assert "opacities" in golden.check(off, staging, "fp32").exceeded[0]
+    verdict = golden.check(off, staging, "fp32")
+    assert not verdict.passed and [e.split()[0] for e in verdict.exceeded] == ["opacities"]
     assert golden.check(off, staging, "bf16").passed
 
 
