@@ -307,6 +307,10 @@ def test_reader_rejects_malformed_files() -> None:
         read_sog(rezip(**{"meta.json": json.dumps({**meta, "count": 17}).encode()}))
     with pytest.raises(ValueError, match="no meta.json"):
         read_sog(rezip(**{"meta.json": None}))
+    with pytest.raises(ValueError, match="malformed meta.json"):
+        read_sog(rezip(**{"meta.json": json.dumps({**meta, "quats": {}}).encode()}))
+    with pytest.raises(ValueError, match="sh0.webp is not a readable image"):
+        read_sog(rezip(**{"sh0.webp": b"RIFF...."}))
     # A deflated archive is still a SOG to the readers (they inflate); ours reads it too.
     assert len(read_sog(rezip())) == 10
 

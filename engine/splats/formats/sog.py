@@ -1,64 +1,56 @@
 """PlayCanvas's SOG ("spatially ordered Gaussians", version 2): writer and reader.
 
 Specification: developer.playcanvas.com, user manual > Gaussian splatting > formats > SOG, and
-the two readers that define it in practice: `readSog` of @playcanvas/splat-transform (its
+the readers that define it in practice: `readSog` of @playcanvas/splat-transform (whose
 `writeSog` is the reference writer) and the PlayCanvas engine's GSplatSogData and SOG shaders.
 
-Container: a ZIP archive (method STORE) of meta.json and five lossless WebP images of one size
-W x H. Texel (x, y) of every image belongs to Gaussian i = x + y * W (row-major from the top
-left); meta.json's `count` says how many there are, and texels from `count` on are ignored.
+A ZIP archive (STORE) of meta.json and five lossless WebP images of one size W x H. Texel
+(x, y) of each image is Gaussian i = x + y * W (row-major from the top left); texels from
+meta.json's `count` on are ignored.
 
-  file          channels  per Gaussian
-  means_l.webp  RGB       low bytes of 16-bit x, y, z
-  means_u.webp  RGB       high bytes of them
-  quats.webp    RGBA      "smallest three" rotation: A = 252 + index of the largest
-                          component of the unit (w, x, y, z) quaternion, made positive; R, G, B
-                          the other three in (w, x, y, z) order, as round((c * sqrt2 * 0.5 + 0.5)
-                          * 255); the reader rebuilds the largest as sqrt(1 - |others|^2)
-  scales.webp   RGB       indices into meta.scales.codebook (256 ln(scale) values, one shared
-                          by the three axes)
-  sh0.webp      RGBA      R, G, B: indices into meta.sh0.codebook (256 degree-0 SH coefficients
-                          sh0 = (srgb - 0.5) / SH_C0, shared by the channels); A = opacity * 255
+  means_l, means_u  RGB   low and high bytes of 16-bit x, y, z
+  quats             RGBA  A = 252 + the index of the largest component of the unit (w, x, y, z)
+                          quaternion, made positive; RGB the other three in that order as
+                          round((c * sqrt2 / 2 + 1/2) * 255); readers rebuild the largest as
+                          sqrt(1 - |others|^2)
+  scales            RGB   indices into meta.scales.codebook: 256 ln(scale), shared by the axes
+  sh0               RGBA  RGB: indices into meta.sh0.codebook, 256 degree-0 SH coefficients
+                          (srgb - 0.5) / SH_C0 shared by the channels; A = round(opacity * 255)
 
 meta.json: {"version": 2, "asset": {"generator"}, "count", "means": {"mins", "maxs", "files"},
-"scales": {"codebook", "files"}, "quats": {"files"}, "sh0": {"codebook", "files"}}; no shN
-(SHARP predicts no higher-order SH).
+"scales": {"codebook", "files"}, "quats": {"files"}, "sh0": {"codebook", "files"}}; no shN.
 
-Positions: each coordinate goes through the symmetric log t = sign(p) ln(1 + |p|), and the
-reader decodes u16 n as p = sign(v) (exp|v| - 1), v = mins + (maxs - mins) n / 65535. We round
-to the nearest n (the reference truncates), so |v error| <= step / 2, step = (maxs - mins) /
-65535, and |p error| <= (1 + |p|) step / 2 (1 + step). The three axes share one range width, the
-widest axis's (mins = per-axis minima, maxs = mins + width): precision is isotropic, as in the
-fixed-point formats, instead of 16 bits across a scene's thin axis (SHARP's depth range can be
-a tenth of its width), whose low bytes would be noise that no predictor compresses. For the
-coffee sample that is 0.05 mm at 2 m, finer than .spz's 0.12 mm.
+Positions: t = sign(p) ln(1 + |p|) per coordinate; readers decode u16 n as p = sign(v)
+(exp|v| - 1), v = mins + (maxs - mins) n / 65535. We round to the nearest n (the reference
+truncates): with step = (maxs - mins) / 65535, |p error| <= (1 + |p|) step / 2 (1 + step). The
+axes share the widest axis's range width (mins = per-axis minima, maxs = mins + width):
+isotropic precision, as in fixed-point formats, where 16 bits across a thin axis (SHARP's depth
+range can be a tenth of its width) would put noise in low bytes that no predictor compresses.
+For the coffee sample: 0.05 mm at 2 m (.spz: 0.12 mm).
 
-Codebooks: scales and colours are quantized to 256 values by a few Lloyd (1-D k-means)
-iterations on a 4096-bin histogram whose bin weights are count^CODEBOOK_ALPHA. Exponent 1 is
-plain k-means, which packs entries where values are dense and costs bits there; 0 spreads them
-evenly over the occupied range (an entropy-coded uniform quantizer: the smallest images); 0.2
-keeps nearly that size while a sparse tail no longer takes entries from the bulk. The end entries
-are pinned to the data's extremes and every value takes its nearest entry, so the error of
-each value is at most half the largest gap between neighbouring entries. Entries are sorted, so
-neighbouring indices hold neighbouring values and the index images stay smooth.
+Codebooks: a few Lloyd (1-D k-means) iterations on a 4096-bin histogram, each bin standing for
+its values' mean with weight count^CODEBOOK_ALPHA. Exponent 1 is plain k-means, packing entries
+where values are dense, which costs bits there; 0 spreads them evenly over the occupied range
+(an entropy-coded uniform quantizer: the smallest images); 0.2 is nearly as small while a sparse
+tail no longer takes entries from the bulk. The end entries are the data's extremes and each
+value takes its nearest entry, so no value errs by more than half the largest gap between
+entries. Entries ascend, so neighbouring indices hold neighbouring values: smooth images.
 
-Layout: SHARP's unpruned output is 2 layers x 768 rows x 768 columns of Gaussians in that
-order; with W = 768 and the layers stacked (H = 1536), neighbouring texels hold neighbouring
-pixels' Gaussians, and WebP's spatial predictors turn the smooth fields into small residuals
-(the reference sorts by Morton code instead). Any other count gets a near-square image in the
-given order, W = ceil(sqrt(N)) rounded up to a multiple of 4 (as the reference), H = ceil(N /
-W); the unused texels of the last row repeat the last Gaussian.
+Layout: SHARP's unpruned output is 2 layers x 768 rows x 768 columns in that order: W = 768 with
+the layers stacked (H = 1536) puts neighbouring pixels' Gaussians in neighbouring texels, and
+WebP's spatial predictors turn the smooth fields into small residuals (the reference sorts by
+Morton code instead). Other counts get a near-square image in the given order, W = ceil(sqrt(N))
+rounded up to a multiple of 4 (as the reference), H = ceil(N / W), the spare texels repeating
+the last Gaussian.
 
-Axes: splat-transform reads a .ply and writes a .sog in the same "PLY" space (both are labelled
-Transform.PLY in it, so the conversion moves nothing), and the PlayCanvas engine shows both the
-same way. Our .ply stores OpenCV axes (x right, y down, z forward) as they are, so the .sog
-does too, and a .sog and the .ply of one image look the same in every viewer. Colours are sRGB,
-as in every format here (engine.splats.formats.common).
+Axes: splat-transform reads a .ply and writes a .sog in one "PLY" space (it labels both
+Transform.PLY, so converting moves nothing), and the PlayCanvas engine shows both alike. Our
+.ply keeps OpenCV axes (x right, y down, z forward), so the .sog does too, and the .sog and the
+.ply of an image look the same in every viewer. Colours are sRGB, as in every format here.
 
-Effort: WebP lossless `method` and `quality` per image (EFFORTS); the default keeps the encode
-of a full SHARP result near half a second on two cores. Quantization runs on the Gaussians'
-device with one transfer of the finished bytes to the host; the WebP encodes run in threads
-(libwebp releases the GIL).
+Effort: WebP lossless `method` and `quality` per image (EFFORTS). Quantization runs on the
+Gaussians' device, then one copy of all the bytes to the host (on the CPU, each image is encoded
+as soon as it is made); the WebP encodes run in threads (libwebp releases the GIL).
 """
 
 from __future__ import annotations
@@ -246,44 +238,58 @@ def read_sog(data: bytes) -> Gaussians:
 def read_sog_files(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     """meta.json and each image it names, as (H, W, 4) uint8 RGBA, from bundled .sog bytes.
 
-    Checks what every reader relies on: version 2, the files present, one image size with at
-    least `count` texels, codebooks of 256 entries.
+    Checks what every reader relies on: version 2, the files present and decodable, one image
+    size with at least `count` texels, 3 mins and maxs, codebooks of 256 entries; anything else
+    raises ValueError.
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as error:
         raise ValueError(f"not a .sog file (a ZIP archive): {error}") from None
     with archive:
-        names = set(archive.namelist())
-        if "meta.json" not in names:
+        if "meta.json" not in archive.namelist():
             raise ValueError(".sog archive has no meta.json")
         meta = json.loads(archive.read("meta.json"))
-        if meta.get("version") != VERSION:
-            raise ValueError(
-                f"only SOG version {VERSION} is supported, got {meta.get('version')!r}"
-            )
-        if "shN" in meta:
-            raise ValueError("higher-order spherical harmonics (shN) are not supported")
-        images = {}
-        for key, files in FILES.items():
-            if len(meta[key]["files"]) != len(files):
-                raise ValueError(f"meta.json {key}.files must name {len(files)} image(s)")
-            for name in meta[key]["files"]:
-                if name not in names:
-                    raise ValueError(f".sog archive lacks {name}, named by meta.json")
+        try:
+            images = _read_images(archive, meta)
+            _check_meta(meta, images)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"malformed meta.json ({type(error).__name__}: {error})") from None
+    return meta, images
+
+
+def _read_images(archive: zipfile.ZipFile, meta: dict) -> dict[str, np.ndarray]:
+    if meta.get("version") != VERSION:
+        raise ValueError(f"only SOG version {VERSION} is supported, got {meta.get('version')!r}")
+    if "shN" in meta:
+        raise ValueError("higher-order spherical harmonics (shN) are not supported")
+    names, images = set(archive.namelist()), {}
+    for key, files in FILES.items():
+        if len(meta[key]["files"]) != len(files):
+            raise ValueError(f"meta.json {key}.files must name {len(files)} image(s)")
+        for name in meta[key]["files"]:
+            if name not in names:
+                raise ValueError(f".sog archive lacks {name}, named by meta.json")
+            try:
                 with Image.open(io.BytesIO(archive.read(name))) as image:
                     images[name] = np.asarray(image.convert("RGBA"))
+            except OSError as error:  # PIL.UnidentifiedImageError, truncated data
+                raise ValueError(f"{name} is not a readable image: {error}") from None
+    return images
+
+
+def _check_meta(meta: dict, images: dict[str, np.ndarray]) -> None:
     for key in ("scales", "sh0"):
         if len(meta[key]["codebook"]) != CODEBOOK_SIZE:
             raise ValueError(f"meta.json {key}.codebook must have {CODEBOOK_SIZE} entries")
+    if not len(meta["means"]["mins"]) == len(meta["means"]["maxs"]) == 3:
+        raise ValueError("meta.json means.mins and means.maxs must have 3 values each")
     sizes = {image.shape[:2] for image in images.values()}
-    count = meta["count"]
     if len(sizes) != 1:
         raise ValueError(f".sog images differ in size: {sorted(sizes)}")
-    height, width = sizes.pop()
+    (height, width), count = sizes.pop(), meta["count"]
     if not isinstance(count, int) or not 0 <= count <= width * height:
         raise ValueError(f"count {count!r} does not fit {width} x {height} images")
-    return meta, images
 
 
 # --- quantization (on the Gaussians' device) --------------------------------------------------
