@@ -8,16 +8,6 @@ import pytest
 _TIMINGS = pytest.StashKey[dict[str, float]]()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--sharp-config",
-        choices=["auto", "tiny", "official"],
-        default=None,
-        help="network configuration for bench_backends: auto (official where memory allows), "
-        "tiny or official; default: $SHARP_BENCH_CONFIG, else auto",
-    )
-
-
 @pytest.fixture(scope="session")
 def timings(request: pytest.FixtureRequest) -> dict[str, float]:
     return request.config.stash.setdefault(_TIMINGS, {})

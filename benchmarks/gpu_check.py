@@ -83,7 +83,6 @@ import statistics
 import sys
 import tempfile
 import traceback
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,33 +92,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _import_checkpoint() -> types.ModuleType:
-    """engine.io.checkpoint, which imports tqdm (download progress only) at module level.
-
-    The bare GPU environment has no tqdm, and this script downloads nothing: where it is
-    missing, a stand-in is visible only while that module is imported (torch probes for tqdm
-    too, and must keep seeing it absent). Remove once checkpoint.py imports tqdm lazily.
-    """
-    try:
-        import tqdm  # noqa: F401 (only whether it imports)
-    except ImportError:
-        stub = types.ModuleType("tqdm")
-        stub.tqdm = lambda *args, **kwargs: contextlib.nullcontext(  # type: ignore[attr-defined]
-            types.SimpleNamespace(update=lambda *a, **k: None)
-        )
-        sys.modules["tqdm"] = stub
-        try:
-            return importlib.import_module("engine.io.checkpoint")
-        finally:
-            del sys.modules["tqdm"]
-    return importlib.import_module("engine.io.checkpoint")
-
-
 import numpy as np
 import torch
 from PIL import Image
-
-_checkpoint = _import_checkpoint()  # before the engine modules that import it
 
 from engine.io.images import decode_image
 from engine.network import SharpOutput
@@ -147,7 +122,7 @@ from engine.runtime.validation import (
 from engine.splats import formats
 from engine.splats.gaussians import covariances_from, postprocess
 
-build_untrained = _checkpoint.build_untrained
+from engine.io.checkpoint import build_untrained  # noqa: E402
 NetworkFn = Callable[[torch.Tensor, torch.Tensor], SharpOutput]
 
 KINDS = ("eager", "export", "compile", "aoti", "tensorrt")

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from engine.network import UNUSED_CHECKPOINT_PREFIXES, SharpNetwork
 from engine.network.config import SharpConfig
@@ -80,6 +79,8 @@ def _hugging_face_url(spec: str) -> str:
 
 def download(url: str, target: Path) -> None:
     """Download to `target` with a progress bar; resumes a partial file; atomic rename."""
+    from tqdm import tqdm  # a progress bar for downloads only: bare GPU setups lack it
+
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     with _exclusive_lock(target.with_name(target.name + ".lock")):
