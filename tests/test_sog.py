@@ -375,6 +375,23 @@ def test_convert_a_pipeline_ply_to_every_format(target, pipeline_ply, prediction
         assert texture_size(len(prediction.gaussians)) == (768, 1536)
 
 
+def test_convert_reads_the_sharp_layout(prediction, tmp_path):
+    from engine.cli import build_parser
+
+    camera = {
+        "image_width": prediction.image_width,
+        "image_height": prediction.image_height,
+        "focal_length_px": prediction.focal_length_px,
+    }
+    g = prune(prediction.gaussians, max_gaussians=2000, focal_length_px=1000.0)
+    source = tmp_path / "sharp.ply"
+    source.write_bytes(encode(g, "ply", **camera, ply_layout="sharp").data)
+    args = build_parser().parse_args(["convert", str(source), "-o", str(tmp_path / "s.sog")])
+    assert args.run(args) == 0
+    standard = read_ply(encode(g, "ply", **camera).data).gaussians
+    assert (tmp_path / "s.sog").read_bytes() == write_sog(standard)
+
+
 def test_convert_a_generic_3dgs_ply_with_higher_order_sh(tmp_path):
     """A 3DGS training .ply: normals, 45 f_rest, logit opacities, log scales, raw quaternions."""
     plyfile = pytest.importorskip("plyfile")
