@@ -73,22 +73,23 @@ def deliver(
 
 
 def _too_large_message(output: EncodedSplat, max_inline_bytes: int, has_bucket: bool) -> str:
+    """The fixes, most useful first: a compact format (a full SHARP result is ~8 MB as .sog,
+    which fits inline), a bucket, then fewer Gaussians."""
     size = len(output.data)
-    remedies = (
-        ["request return='url' (a bucket is configured)"]
-        if has_bucket
-        else [
-            f"configure an S3-compatible bucket ({', '.join(BUCKET_ENV)}, BUCKET_NAME) "
-            "to receive it as a presigned URL"
-        ]
-    )
-    # The formats smaller than this one for the same Gaussians, smallest ("sog") first; bytes a
-    # Gaussian: sog ~7.5, spz ~8.5, splat 32, ply 56.
+    # Smaller formats for the same Gaussians, smallest first; bytes a Gaussian: sog ~7,
+    # spz ~8.5, splat 32, ply 56.
     by_size = [name for name in ("sog", "spz", "splat", "ply") if name in FORMATS]
     smaller = by_size[: by_size.index(output.format)] if output.format in by_size else by_size
-    fewer = "fewer Gaussians (max_gaussians, min_opacity)"
-    compact = f"a more compact output_format ({', '.join(smaller)}) and/or " if smaller else ""
-    remedies.append(f"request a smaller output: {compact}{fewer}")
+    remedies = [f'request output_format: "{name}"' for name in smaller[:1]]
+    if smaller[1:]:
+        remedies[0] += f" (or {', '.join(smaller[1:])})"
+    remedies.append(
+        "request return='url' (a bucket is configured)"
+        if has_bucket
+        else f"configure an S3-compatible bucket ({', '.join(BUCKET_ENV)}, BUCKET_NAME) "
+        "to receive it as a presigned URL"
+    )
+    remedies.append("request fewer Gaussians (max_gaussians, min_opacity)")
     return (
         f"the {output.format} result is {size:,} bytes ({base64_size(size):,} as base64), over "
         f"the inline limit of {max_inline_bytes:,} base64 bytes (SHARP_MAX_INLINE_BYTES; "

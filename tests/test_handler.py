@@ -27,13 +27,11 @@ from handler_support import (
 )
 from PIL import Image
 
-from engine.runtime.predictor import SharpPredictor
-from engine.splats.formats.ply import read_ply, vertex_rows
-from engine.splats.formats.spz import read_spz
-from handler.inputs import parse_request
-from handler.outputs import base64_size, encode
 from engine.io.images import decode_image
+from engine.runtime.predictor import SharpPredictor
 from engine.settings import DEFAULT_MAX_INLINE_BYTES
+from engine.splats.formats.ply import read_ply, vertex_rows
+from engine.splats.formats.sog import read_sog
 
 IMAGE = SAMPLE.read_bytes()
 IMAGE_B64 = base64.b64encode(IMAGE).decode()
@@ -115,17 +113,6 @@ def test_base64_request_matches_the_engine(open_worker, inline_result, reference
     vertices = read_ply(ply).vertices
     stored = np.stack([vertices[name] for name in vertices.dtype.names], axis=1)
     np.testing.assert_allclose(stored, rows, rtol=1e-5, atol=1e-5)
-
-
-def test_compact_pruned_output_fits_inline(reference):
-    """What test_input.json and the Hub test ask for: small enough for RunPod without a bucket."""
-    prediction, _ = reference
-    job_input = json.loads((REPO / "test_input.json").read_text())["input"]
-    request = parse_request({**job_input, "image": IMAGE_B64})
-    output, count = encode(prediction, request.output)
-    assert output.format == "spz" and count == job_input["max_gaussians"]
-    assert len(read_spz(output.data)) == count
-    assert base64_size(len(output.data)) < DEFAULT_MAX_INLINE_BYTES
 
 
 # name -> (job input, or a path on the image host, or a marker for a generated image;
@@ -226,3 +213,23 @@ def test_result_over_the_inline_limit_without_a_bucket_is_an_error(strict_worker
         "BUCKET_ENDPOINT_URL",
     )
     assert "return='url'" not in error  # no bucket: that remedy would not work
+    assert error.index('output_format: "sog"') < error.index("bucket") < error.index("fewer")
+
+
+@pytest.fixture(scope="module")
+def default_worker(tmp_path_factory):
+    """A worker as deployed: every limit at its default, no bucket."""
+    with worker_server({}, tmp_path_factory.mktemp("logs") / "default.log") as server:
+        yield server
+
+
+def test_full_sog_comes_back_inline_with_the_default_limits(default_worker, reference):
+    """test_input.json's job, and the README's first call: the whole splat, no bucket."""
+    job_input = json.loads((REPO / "test_input.json").read_text())["input"]
+    assert job_input["output_format"] == "sog" and "max_gaussians" not in job_input
+    answer = default_worker.runsync({**job_input, "image": IMAGE_B64})
+    assert answer["status"] == "COMPLETED", answer
+    out = answer["output"]
+    assert out["delivery"] == "inline" and out["num_gaussians"] == 1_179_648
+    assert len(out["sog"]) <= DEFAULT_MAX_INLINE_BYTES
+    assert len(read_sog(base64.b64decode(out["sog"]))) == len(reference[0].gaussians)
