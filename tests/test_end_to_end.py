@@ -555,21 +555,7 @@ def encodings(g: Gaussians, format: str) -> dict[str, bytes]:
     }
 
 
-# write_ply computes its rows with torch ops (logit, pow) whose strided and contiguous kernels
-# round differently: up to 1 ulp in a few percent of the opacities. Its values are right (the
-# next test), its bytes depend on the layout.
-LAYOUT_DEPENDENT_BYTES = {
-    "ply": pytest.mark.xfail(
-        reason="write_ply's float32 rows differ by up to 1 ulp between strided and contiguous "
-        "tensors (torch.logit and pow take other kernels); reported",
-        strict=False,
-    )
-}
-
-
-@pytest.mark.parametrize(
-    "format", [pytest.param(f, marks=LAYOUT_DEPENDENT_BYTES.get(f, ())) for f in FORMATS]
-)
+@pytest.mark.parametrize("format", FORMATS)
 def test_writers_give_the_same_bytes_for_strided_tensors(format):
     strided = strided_gaussians()
     assert encodings(strided, format) == encodings(contiguous(strided), format)

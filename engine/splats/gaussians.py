@@ -26,6 +26,14 @@ class Gaussians:
     def to(self, device: torch.device | str) -> Gaussians:
         return Gaussians(*(t.to(device) for t in self.tensors()))
 
+    def contiguous(self) -> Gaussians:
+        """The same Gaussians in C-order tensors (each copied only if it is a strided view).
+
+        Writers call this first: PyTorch's vectorised and strided kernels for one op may differ
+        in the last bit, and a file must not depend on how its tensors were laid out.
+        """
+        return Gaussians(*(t.contiguous() for t in self.tensors()))
+
     def index(self, keep: torch.Tensor) -> Gaussians:
         """The subset selected by a boolean mask or an index tensor."""
         return Gaussians(*(t[keep] for t in self.tensors()))

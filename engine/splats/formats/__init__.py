@@ -49,8 +49,9 @@ def encode(
     """Encode Gaussians (OpenCV axes, linear colours) in one of FORMATS.
 
     The image size and focal length are metadata only the .ply stores; each format's
-    module docstring says how it maps axes and colours.
+    module docstring says how it maps axes and colours. Any tensor layout gives the same bytes.
     """
+    gaussians = gaussians.contiguous()  # the pipeline's tensors are strided views
     if format == "ply":
         from engine.splats.formats.ply import (
             write_ply,  # engine.splats.formats.ply owns the .ply layouts

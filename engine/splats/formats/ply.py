@@ -106,7 +106,7 @@ def save_ply(
 
 def vertex_rows(gaussians: Gaussians) -> torch.Tensor:
     """(N, 14) float32 vertex rows in VERTEX_PROPERTIES order, on the Gaussians' device."""
-    g = gaussians
+    g = gaussians.contiguous()
     # SHARP predicts linear RGB but viewers blend stored colors as they are and show the
     # result without gamma, so store sRGB, as the reference does.
     f_dc = (linear_to_srgb(g.colors.float()) - 0.5) / SH_C0
