@@ -144,11 +144,11 @@ def build_engine(options: BuildOptions, settings: EngineSettings) -> BuildResult
     finally:
         lock.release()
     manifest.update(build_seconds=round(time.perf_counter() - start, 1), checkpoint=spec)
-    if options.onnx:
-        manifest["onnx"] = export_onnx(network.float().cpu(), output_dir / ONNX_NAME)
     parity = _apple_parity(options, info.path, network, device)
     if parity is not None:
         manifest["apple_parity"] = parity
+    if options.onnx:  # last: it moves the network to the CPU
+        manifest["onnx"] = export_onnx(network.cpu(), output_dir / ONNX_NAME)
     write_json(output_dir / key.manifest_name, manifest)
     if not manifest["validation"]["passed"] or (parity is not None and not parity["passed"]):
         return BuildResult(
