@@ -323,13 +323,15 @@ def _quantize(g: Gaussians, texels: int) -> Iterator[tuple[str, torch.Tensor]]:
     sh0 = [linear_to_srgb(c).sub_(0.5).div_(SH_C0) for c in _planes(g.colors)]
     codebook, labels = _codebook_labels(sh0)
     yield "sh0_codebook", codebook
-    alpha = (g.opacities.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
+    alpha = (g.opacities.float().contiguous() * 255).round_().clamp_(0, 255).to(torch.uint8)
     yield "sh0", image(*labels, alpha)
     yield "means_u", image(*high)
 
 
 def _planes(t: torch.Tensor) -> list[torch.Tensor]:
-    return [c.float() for c in t.unbind(1)]
+    # Contiguous planes whatever the input's layout: vectorised and strided kernels may round
+    # differently, and the bytes must not depend on the layout.
+    return [c.float().contiguous() for c in t.unbind(1)]
 
 
 def _positions(
