@@ -248,6 +248,19 @@ def test_cpu_default_serves_eager_fp32_and_builds_nothing(network, info, tmp_pat
     assert runtime.build is None and not any(tmp_path.iterdir())
 
 
+def test_a_half_plan_that_misses_tolerance_serves_fp32_and_targets_fp32(network, info, tmp_path):
+    """bf16 on the tiny untrained model is off by ~0.016 in opacity (limit 0.001): refused,
+    and the engine to build is then an fp32 one, not one of the plan that failed."""
+    settings = engine_settings(tmp_path, precision="bf16", engine_build=False)
+    runtime = NetworkRuntime(network, CPU, info, settings)
+    assert (runtime.start().name, runtime.active.precision) == ("eager", "fp32")
+    statuses = [(a.backend, a.precision, a.status) for a in runtime.report]
+    assert statuses == [
+        ("eager", "bf16", "refused"), ("eager", "fp32", "serving"), ("exported", "fp32", "off")
+    ]  # fmt: skip
+    assert "beyond tolerance" in runtime.report[0].reason
+
+
 def test_a_cached_artifact_is_validated_and_served_at_start(network, info, built_artifact):
     runtime = NetworkRuntime(network, CPU, info, engine_settings(built_artifact.parent))
     active = runtime.start()

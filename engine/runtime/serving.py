@@ -110,8 +110,10 @@ class NetworkRuntime:
         plan = PrecisionPlan.for_precision(
             self.settings.resolved_precision(self.device.type), self.settings.fp32_blocks
         )
-        if plan.precision == "fp32" or not self._activate_eager(plan):
-            self._serve(ActiveBackend("eager", "fp32", PrecisionPlan("fp32"), self.network))
+        if plan.precision != "fp32" and not self._activate_eager(plan):
+            plan = PrecisionPlan("fp32")  # an engine of a plan that misses tolerance would too
+        if plan.precision == "fp32":
+            self._serve(ActiveBackend("eager", "fp32", plan, self.network))
             self._record("eager", "fp32", "serving", "the reference")
         kind = preferred_kind(self.settings.backend, self.device)
         if kind is not None:
@@ -229,11 +231,8 @@ class NetworkRuntime:
             forward = load_artifact(kind, path, self.device)
         except Exception as error:  # noqa: BLE001 (any load failure: set it aside, rebuild once)
             reason = f"failed to load {path.name}: {_describe(error)}"
-            if (
-                set_aside(path, reason) is not None
-                and self.settings.engine_build
-                and not target.rebuilt
-            ):
+            set_aside(path, reason)  # a read-only prebuilt file stays; the rebuild shadows it
+            if self.settings.engine_build and not target.rebuilt:
                 self._record(kind, precision, "set-aside", reason + "; rebuilding once", start)
                 target.rebuilt = True
                 self._launch(target)
