@@ -1,6 +1,6 @@
 """Turning a prediction into the file the client asked for, and getting it to the client.
 
-Encoding is `engine.splats.formats.encode` (ply, spz, splat), after optional pruning. Delivery
+Encoding is `engine.splats.formats.encode` (ply, spz, splat, sog), after optional pruning. Delivery
 decides between inline base64 and a bucket URL, and enforces the inline limit itself:
 RunPod drops a result over its limit yet reports the job COMPLETED.
 """

@@ -528,7 +528,7 @@ def test_same_input_gives_identical_bytes(fmt: str, options: dict) -> None:
 
 def test_encode_describes_each_format() -> None:
     g = random_gaussians(50)
-    assert FORMATS == ("ply", "spz", "splat")
+    assert FORMATS == ("ply", "spz", "splat", "sog")
     spz = encode(g, "spz", **CAMERA)
     assert spz == EncodedSplat(write_spz(g), "spz", "application/octet-stream", ".spz")
     assert read_spz_streams(encode(g, "spz", **CAMERA, spz_version=2).data)[0].version == 2
