@@ -117,7 +117,7 @@ def test_compact_format_with_pruning(tmp_path):
 
 
 def test_build_engine_subcommand_without_gpu(tmp_path):
+    """It runs the build tool as its own process; on the CPU, auto has nothing to build."""
     result = run_cli("build-engine", "--checkpoint", "tiny-untrained", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert list(tmp_path.rglob("*.pt2")), "no exported program written"
-    assert list(tmp_path.rglob("*.json")), "no manifest written"
+    assert "skipped: no GPU" in result.stdout and not any(tmp_path.iterdir())
