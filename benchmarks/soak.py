@@ -237,6 +237,15 @@ def summarize(
     baseline = min(baseline_job, max(1, len(rss) // 2)) if rss else 0
     after = rss[baseline:]
     growth = (max(after) - rss[baseline - 1]) / rss[baseline - 1] * 100 if after else 0.0
+    # Retained-but-free heap makes RSS a sawtooth; a leak shows as a rising median instead.
+    third = len(after) // 3
+    trend = (
+        (statistics.median(after[-third:]) - statistics.median(after[:third]))
+        / rss[baseline - 1]
+        * 100
+        if third
+        else 0.0
+    )
     failures = [r for r in records if not r["ok"]]
     return {
         "jobs_run": len(records),
@@ -252,6 +261,7 @@ def summarize(
             "peak_hwm": _mib(max(r["hwm_kib"] or 0 for r in records)) if rss else None,
         },
         "growth_pct": round(growth, 2),
+        "trend_pct": round(trend, 2),  # median of the last third after baseline vs the first
         "growth_limit_pct": growth_limit_pct,
         "passed": not failures and growth <= growth_limit_pct,
         "buckets": _buckets(records),
@@ -310,7 +320,8 @@ def format_table(report: dict[str, Any]) -> str:
         + "  ".join(f"{name} {value}" for name, value in rss.items()),
         (
             f"growth after job {report['baseline_job']}: {report['growth_pct']:+.2f} % "
-            f"(limit {report['growth_limit_pct']:g} %) -> {'PASS' if report['passed'] else 'FAIL'}"
+            f"(limit {report['growth_limit_pct']:g} %) -> {'PASS' if report['passed'] else 'FAIL'}; "
+            f"median trend {report['trend_pct']:+.2f} %"
         ),
         "",
         (
@@ -344,10 +355,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-job", type=int, default=DEFAULT_BASELINE_JOB)
     parser.add_argument("--growth-limit", type=float, default=DEFAULT_GROWTH_LIMIT_PCT)
     parser.add_argument(
+        "--summarize", type=Path, metavar="SOAK_JSON", help="reprint a soak.json's summary; no run"
+    )
+    parser.add_argument(
         "--worker-env", action="append", default=[], metavar="NAME=VALUE",
         help="an extra variable for the worker, e.g. MALLOC_ARENA_MAX=2 (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.summarize is not None:
+        saved = json.loads(args.summarize.read_text())
+        saved.update(summarize(saved["jobs"], args.baseline_job, args.growth_limit))
+        print(format_table(saved))
+        return 0 if saved["passed"] else 1
     worker_env = dict(item.split("=", 1) for item in args.worker_env)
     report = run_soak(
         jobs=args.jobs,
