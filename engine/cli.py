@@ -167,6 +167,7 @@ def run_predict(args: argparse.Namespace) -> int:
             f"{path}: {result.num_gaussians:,} Gaussians{kept}, "
             f"{prediction.image_width}x{prediction.image_height}, "
             f"focal {prediction.focal_length_px:.1f} px ({prediction.focal_length_source}), "
+            f"{prediction.backend}/{prediction.precision}, "
             f"{time.perf_counter() - start:.2f} s -> {target}{label}"
         )
     if failures:
@@ -244,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["build-engine"]:  # the build tool, in its own process, with its own options
         return subprocess.call([sys.executable, "-m", "export.build_engine", *argv[1:]])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Each image's line names its backend; the runtime's full report is for worker logs.
+    logging.getLogger("engine.runtime.serving").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         args.settings = Settings.from_env().engine
