@@ -348,7 +348,8 @@ x = torch.randn(4, 128)
 def _serve_while(run_export) -> tuple[int, int, list[str]]:
     """Forwards in one thread while `run_export()` runs: (good forwards, bad forwards, export errors)."""
     scope: dict = {}
-    exec(_TOY, scope)
+    threads = torch.get_num_threads()
+    exec(_TOY, scope)  # sets one thread: restored below, or later tests' forwards round differently
     net, x = scope["net"], scope["x"]
     with torch.no_grad():
         expected = net(x)
@@ -373,6 +374,7 @@ def _serve_while(run_export) -> tuple[int, int, list[str]]:
     finally:
         stop.set()
         thread.join()
+        torch.set_num_threads(threads)
     return good[0], bad[0], errors
 
 
