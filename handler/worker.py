@@ -24,6 +24,7 @@ from engine.settings import Settings
 
 from .fetch import FetchError, FetchPolicy
 from .inputs import InputError, JobRequest, image_bytes, parse_request
+from .memory import release_free_heap
 from .model import gpu_healthy, is_device_fault
 from .outputs import DeliveryError, check_deliverable, deliver, encode
 from .storage import ResultBucket, UploadError
@@ -31,6 +32,10 @@ from .storage import ResultBucket, UploadError
 logger = logging.getLogger(__name__)
 
 CLIENT_ERRORS = (InputError, FetchError, ImageDecodeError, DeliveryError, UploadError)
+
+# After a job on an image this large (pixels), the freed host heap is handed back: below it,
+# the buffers are small enough that glibc's reuse is the better deal.
+RELEASE_HEAP_AFTER_PIXELS = 4_000_000
 
 
 class SharpWorker:
@@ -58,7 +63,7 @@ class SharpWorker:
         # Between jobs: a finished engine build takes over from here (checked without blocking).
         self.predictor.poll()
         try:
-            return self.run(job_id, job.get("input"))
+            result = self.run(job_id, job.get("input"))
         except CLIENT_ERRORS as error:
             logger.info("Job %s rejected: %s", job_id, error)
             return {"error": str(error)}
@@ -69,6 +74,12 @@ class SharpWorker:
             logger.error("Job %s hit a GPU fault: %s", job_id, error)
             out_of_memory = isinstance(error, torch.cuda.OutOfMemoryError)
             message = _device_fault_message(error, out_of_memory)
+        else:
+            # `run`'s image, prediction and encode buffers are freed by now; the payload is not.
+            size = result["image_size"]
+            if size["width"] * size["height"] >= RELEASE_HEAP_AFTER_PIXELS:
+                release_free_heap()
+            return result
         # Reached after a GPU fault only, once the traceback and the tensors its frames held
         # are gone, so that emptying the cache can return their memory.
         return self._recover(message, out_of_memory)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,21 @@ import pytest
 import torch
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def pytest_report_header() -> list[str]:
+    """The machine, at the top of every run's output: a slow CI run then says why."""
+    memory = dict(
+        line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()[:3]
+    ) if Path("/proc/meminfo").exists() else {}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    return [
+        f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+        f"load {' '.join(f'{x:.2f}' for x in load)}, "
+        f"memory available {memory.get('MemAvailable', '?').strip()}, "
+        f"golden fixtures {'found' if (GOLDEN_DIR / 'README.md').is_file() else 'missing'}"
+    ]
 
 
 def read_shapes(tsv: Path) -> dict[str, tuple[int, ...]]:

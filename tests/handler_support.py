@@ -68,8 +68,8 @@ class WorkerServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def runsync(self, job_input: Any) -> dict[str, Any]:
-        return post_json(f"{self.url}/runsync", {"input": job_input})
+    def runsync(self, job_input: Any, timeout: float = 900) -> dict[str, Any]:
+        return post_json(f"{self.url}/runsync", {"input": job_input}, timeout=timeout)
 
     def alive(self) -> bool:
         return self.process.poll() is None
