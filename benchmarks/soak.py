@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-megapixels", type=float, default=24.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "out" / "soak")
-    parser.add_argument("--output-format", default="spz", choices=("ply", "spz", "splat"))
+    parser.add_argument("--output-format", default="spz", choices=("ply", "spz", "splat", "sog"))
     parser.add_argument(
         "--max-gaussians", type=int, default=300_000, help="prune to this many; 0: no pruning"
     )

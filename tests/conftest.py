@@ -20,13 +20,14 @@ def pytest_report_header() -> list[str]:
         line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()[:3]
     ) if Path("/proc/meminfo").exists() else {}
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
-    return [
-        f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
-        f"load {' '.join(f'{x:.2f}' for x in load)}, "
-        f"memory available {memory.get('MemAvailable', '?').strip()}, "
-        f"golden fixtures {'found' if (GOLDEN_DIR / 'README.md').is_file() else 'missing'}"
-    ]
+    facts = (
+        f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable)",
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads",
+        f"load {' '.join(f'{x:.2f}' for x in load)}",
+        f"memory available {memory.get('MemAvailable', '?').strip()}",
+        f"golden fixtures {'found' if (GOLDEN_DIR / 'README.md').is_file() else 'missing'}",
+    )
+    return ["machine: " + ", ".join(facts)]
 
 
 def read_shapes(tsv: Path) -> dict[str, tuple[int, ...]]:

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -335,68 +334,70 @@ def test_another_workers_live_build_is_waited_for(network, info, built_artifact,
 
 # --- the race the child process avoids ------------------------------------------------------
 
-_TOY = """
+# Run in a fresh interpreter: the old design's failed exports can leave torch's process-wide
+# tracing state behind, which must not reach the tests that run after this one.
+_RACE = r"""
+import json, subprocess, sys, threading
 import torch
-from torch import nn
-torch.manual_seed(0)
-torch.set_num_threads(1)
-net = nn.Sequential(*[nn.Linear(128, 128) for _ in range(40)]).eval()
-x = torch.randn(4, 128)
+
+TOY = (
+    "import torch\nfrom torch import nn\ntorch.manual_seed(0)\ntorch.set_num_threads(1)\n"
+    "net = nn.Sequential(*[nn.Linear(128, 128) for _ in range(40)]).eval()\n"
+    "x = torch.randn(4, 128)\n"
+)
+exec(TOY)
+with torch.no_grad():
+    expected = net(x)
+good, bad, stop = [0], [0], threading.Event()
+
+def serve():
+    while not stop.is_set():
+        try:
+            with torch.no_grad():
+                ok = torch.equal(net(x), expected)
+        except Exception:  # any failure of a served forward counts
+            ok = False
+        (good if ok else bad)[0] += 1
+
+def in_a_thread():  # the old design: export beside serving, in the serving process
+    errors = []
+    for _ in range(3):
+        try:
+            torch.export.export(net, (x,), strict=False)
+        except Exception as error:
+            errors.append(type(error).__name__)
+    return errors
+
+def in_a_child():  # the new design: the build is another process
+    code = TOY + "for _ in range(3):\n    torch.export.export(net, (x,), strict=False)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return [] if result.returncode == 0 else [result.stderr[-300:]]
+
+thread = threading.Thread(target=serve)
+thread.start()
+try:
+    errors = {"thread": in_a_thread, "child": in_a_child}[sys.argv[1]]()
+finally:
+    stop.set()
+    thread.join()
+print(json.dumps({"good": good[0], "bad": bad[0], "errors": errors}))
 """
 
 
-def _serve_while(run_export) -> tuple[int, int, list[str]]:
-    """Forwards in one thread while `run_export()` runs: (good forwards, bad forwards, export errors)."""
-    scope: dict = {}
-    threads = torch.get_num_threads()
-    exec(_TOY, scope)  # sets one thread: restored below, or later tests' forwards round differently
-    net, x = scope["net"], scope["x"]
-    with torch.no_grad():
-        expected = net(x)
-    good, bad, stop = [0], [0], threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                with torch.no_grad():
-                    ok = torch.equal(net(x), expected)
-            except Exception:  # noqa: BLE001 (any failure of a served forward counts)
-                ok = False
-            if ok:
-                good[0] += 1
-            else:
-                bad[0] += 1
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        errors = run_export(net, x)
-    finally:
-        stop.set()
-        thread.join()
-        torch.set_num_threads(threads)
-    return good[0], bad[0], errors
+def _serve_while_exporting(design: str) -> dict:
+    """Forwards in one thread while the design's export runs: good and bad forwards, errors."""
+    result = subprocess.run(
+        [sys.executable, "-c", _RACE, design],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def test_export_in_the_serving_process_breaks_requests_and_a_child_process_does_not():
-    def in_a_thread(net, x) -> list[str]:  # the old design: export beside serving
-        errors = []
-        for _ in range(3):
-            try:
-                torch.export.export(net, (x,), strict=False)
-            except Exception as error:  # noqa: BLE001
-                errors.append(type(error).__name__)
-        return errors
-
-    def in_a_child(net, x) -> list[str]:  # the new design: the build is another process
-        code = _TOY + "\nfor _ in range(3):\n    torch.export.export(net, (x,), strict=False)\n"
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        return [] if result.returncode == 0 else [result.stderr[-300:]]
-
-    good, bad, _ = _serve_while(in_a_thread)
-    assert bad > 0, "the race did not show: the old design's failure was not reproduced"
-    good, bad, errors = _serve_while(in_a_child)
-    assert bad == 0 and good > 0 and errors == []
+    old = _serve_while_exporting("thread")
+    assert old["bad"] > 0, f"the race did not show: the old design's failure not reproduced {old}"
+    new = _serve_while_exporting("child")
+    assert new["bad"] == 0 and new["good"] > 0 and new["errors"] == [], new
 
 
 # --- the worker keeps serving during the build, then switches ---------------------------------
