@@ -7,8 +7,12 @@ Starts `python -m handler --rp_serve_api` (the RunPod SDK's local API server) wi
 untrained model on the CPU, sends JPEG and PNG images generated here (0.1 to 24 MP, several
 aspect ratios, in a seeded order with the largest size both early and last) as base64 inline
 input, and reads VmRSS of the worker process from /proc after every job. It fails when a job
-fails, or when the resident memory after the baseline job (20th) grows more than 10 % above
-it: by then the largest image has been seen, so later growth is a leak or fragmentation.
+fails, or when the resident memory after the baseline job (20th) grows more than 10 %: by then
+the largest image has been seen, so later growth is a leak or fragmentation. Growth is the
+median RSS of the last third of the jobs after the baseline against the median of the first
+third: between the worker's heap releases (after large images) RSS is a sawtooth of freed but
+retained heap, whose peaks say how much glibc kept, not that memory grows; the largest rise
+over job 20 is printed beside it.
 Prints a summary and writes soak.json (every job's numbers) and worker.log to --out.
 """
 
@@ -260,10 +264,10 @@ def summarize(
             "max_after_baseline": _mib(max(after)) if after else None,
             "peak_hwm": _mib(max(r["hwm_kib"] or 0 for r in records)) if rss else None,
         },
-        "growth_pct": round(growth, 2),
-        "trend_pct": round(trend, 2),  # median of the last third after baseline vs the first
+        "max_rise_pct": round(growth, 2),  # the sawtooth's highest point over job `baseline`
+        "growth_pct": round(trend, 2),  # median of the last third after baseline vs the first
         "growth_limit_pct": growth_limit_pct,
-        "passed": not failures and growth <= growth_limit_pct,
+        "passed": not failures and trend <= growth_limit_pct,
         "buckets": _buckets(records),
     }
 
@@ -319,9 +323,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"RSS (MiB): after warm-up {_mib(report['rss_after_warm_up_kib'])}  "
         + "  ".join(f"{name} {value}" for name, value in rss.items()),
         (
-            f"growth after job {report['baseline_job']}: {report['growth_pct']:+.2f} % "
-            f"(limit {report['growth_limit_pct']:g} %) -> {'PASS' if report['passed'] else 'FAIL'}; "
-            f"median trend {report['trend_pct']:+.2f} %"
+            f"growth after job {report['baseline_job']} (median, last third vs first): "
+            f"{report['growth_pct']:+.2f} % (limit {report['growth_limit_pct']:g} %) -> "
+            f"{'PASS' if report['passed'] else 'FAIL'}; highest rise over job "
+            f"{report['baseline_job']} {report['max_rise_pct']:+.2f} % (retained free heap)"
         ),
         "",
         (

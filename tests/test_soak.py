@@ -51,3 +51,21 @@ def test_short_soak_has_no_failed_job(soak, tmp_path):
     assert report["process"]["cmdline"][1:3] == ["-m", "handler"]  # the worker, not a wrapper
     assert json.loads((tmp_path / "soak.json").read_text())["failures"] == 0
     assert "failures 0" in soak.format_table(report)
+
+
+def _records(rss_mib: list[float]) -> list[dict]:
+    return [
+        {"index": i + 1, "ok": True, "error": None, "megapixels": 1.0, "seconds": 1.0,
+         "timings_ms": {}, "rss_kib": int(mib * 1024), "hwm_kib": int(mib * 1024)}
+        for i, mib in enumerate(rss_mib)
+    ]  # fmt: skip
+
+
+def test_growth_check_flags_a_leak_and_passes_a_flat_sawtooth(soak):
+    sawtooth = [800.0 + (150.0 if i % 7 == 0 else 0.0) - (250.0 if i % 11 == 0 else 0.0)
+                for i in range(200)]  # fmt: skip
+    flat = soak.summarize(_records(sawtooth), baseline_job=20, growth_limit_pct=10.0)
+    assert flat["passed"] and abs(flat["growth_pct"]) < 2 and flat["max_rise_pct"] > 10
+    leak = [value + 0.8 * i for i, value in enumerate(sawtooth)]  # 0.8 MiB per job
+    leaking = soak.summarize(_records(leak), baseline_job=20, growth_limit_pct=10.0)
+    assert not leaking["passed"] and leaking["growth_pct"] > 10
