@@ -240,10 +240,10 @@ def summarize(
     # A short run has no 20th job: its middle one stands in.
     baseline = min(baseline_job, max(1, len(rss) // 2)) if rss else 0
     after = rss[baseline:]
-    growth = (max(after) - rss[baseline - 1]) / rss[baseline - 1] * 100 if after else 0.0
+    max_rise = (max(after) - rss[baseline - 1]) / rss[baseline - 1] * 100 if after else 0.0
     # Retained-but-free heap makes RSS a sawtooth; a leak shows as a rising median instead.
     third = len(after) // 3
-    trend = (
+    growth = (
         (statistics.median(after[-third:]) - statistics.median(after[:third]))
         / rss[baseline - 1]
         * 100
@@ -264,10 +264,10 @@ def summarize(
             "max_after_baseline": _mib(max(after)) if after else None,
             "peak_hwm": _mib(max(r["hwm_kib"] or 0 for r in records)) if rss else None,
         },
-        "max_rise_pct": round(growth, 2),  # the sawtooth's highest point over job `baseline`
-        "growth_pct": round(trend, 2),  # median of the last third after baseline vs the first
+        "max_rise_pct": round(max_rise, 2),  # the sawtooth's highest point over job `baseline`
+        "growth_pct": round(growth, 2),  # median of the last third after baseline vs the first
         "growth_limit_pct": growth_limit_pct,
-        "passed": not failures and trend <= growth_limit_pct,
+        "passed": not failures and growth <= growth_limit_pct,
         "buckets": _buckets(records),
     }
 

@@ -14,6 +14,10 @@ import torch
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
 
+def golden_fixtures_found() -> bool:
+    return (GOLDEN_DIR / "README.md").is_file()
+
+
 def pytest_report_header() -> list[str]:
     """The machine, at the top of every run's output: a slow CI run then says why."""
     memory = dict(
@@ -25,7 +29,7 @@ def pytest_report_header() -> list[str]:
         f"torch {torch.__version__} with {torch.get_num_threads()} threads",
         f"load {' '.join(f'{x:.2f}' for x in load)}",
         f"memory available {memory.get('MemAvailable', '?').strip()}",
-        f"golden fixtures {'found' if (GOLDEN_DIR / 'README.md').is_file() else 'missing'}",
+        f"golden fixtures {'found' if golden_fixtures_found() else 'missing'}",
     )
     return ["machine: " + ", ".join(facts)]
 
@@ -41,7 +45,7 @@ def read_shapes(tsv: Path) -> dict[str, tuple[int, ...]]:
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    if not (GOLDEN_DIR / "README.md").is_file():
+    if not golden_fixtures_found():
         pytest.skip(f"golden fixtures not found at {GOLDEN_DIR}")
     return GOLDEN_DIR
 
