@@ -18,6 +18,8 @@ demo: $(VENV)/.installed
 	$(BIN)/sharp-runpod predict samples/coffee.jpg -o out --checkpoint tiny-untrained --device cpu
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 # The RunPod SDK's local API server with the tiny model on the CPU. Locally there is no

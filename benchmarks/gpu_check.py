@@ -96,6 +96,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.io.checkpoint import build_untrained
 from engine.io.images import decode_image
 from engine.network import SharpOutput
 from engine.network.config import SharpConfig
@@ -122,7 +123,6 @@ from engine.runtime.validation import (
 from engine.splats import formats
 from engine.splats.gaussians import covariances_from, postprocess
 
-from engine.io.checkpoint import build_untrained  # noqa: E402
 NetworkFn = Callable[[torch.Tensor, torch.Tensor], SharpOutput]
 
 KINDS = ("eager", "export", "compile", "aoti", "tensorrt")
@@ -579,7 +579,7 @@ def run_backend(ctx: Context, name: str, staging: InputStaging, golden: Golden |
     except HardLimit:
         row.update(status="timeout", reason=f"stopped at --hard-limit-s {args.hard_limit_s:g}")
         raise
-    except Exception as error:  # noqa: BLE001 (recorded; the run goes on)
+    except Exception as error:
         row.update(status="failed", reason=_first_line(error), traceback=_traceback(error))
     finally:
         row["seconds"] = round(time.perf_counter() - began, 2)
@@ -589,7 +589,7 @@ def run_backend(ctx: Context, name: str, staging: InputStaging, golden: Golden |
                 row["peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
                 row["base_mb"] = round(base / 2**20)
             release(device)
-        except Exception as error:  # noqa: BLE001 (recorded with the row)
+        except Exception as error:
             row["cleanup_error"] = _first_line(error)
     return row
 
@@ -989,7 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 golden = Golden.load(args.golden)
                 network.load_state_dict(golden.make_weights(network.state_dict()))
                 report["golden"] = str(args.golden)
-            except Exception as error:  # noqa: BLE001 (recorded; the run goes on without it)
+            except Exception as error:
                 golden = None
                 report["golden_error"] = _first_line(error)
         network = network.to(device)
@@ -1027,7 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row.update(
                     status="skipped" if row["status"] == "pending" else "timeout", reason=why
                 )
-    except Exception as error:  # noqa: BLE001 (recorded in the report that is still written)
+    except Exception as error:
         report["state"] = f"failed: {_first_line(error)}"
         report["traceback"] = _traceback(error)
         code = 2

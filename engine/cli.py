@@ -143,7 +143,11 @@ def run_predict(args: argparse.Namespace) -> int:
         max_gaussians=args.max_gaussians,
         min_opacity=args.min_opacity,
     )
-    label = " [UNTRAINED tiny model: not a real reconstruction]" if predictor.checkpoint.untrained else ""
+    label = (
+        " [UNTRAINED tiny model: not a real reconstruction]"
+        if predictor.checkpoint.untrained
+        else ""
+    )
     failures = 0
     progress = tqdm(images, unit="image", disable=len(images) < 2)
     for path, stem in progress:
@@ -162,7 +166,11 @@ def run_predict(args: argparse.Namespace) -> int:
             failures += 1
             tqdm.write(f"{path}: FAILED: {error}", file=sys.stderr)
             continue
-        kept = "" if result.num_gaussians == len(prediction.gaussians) else f" (of {len(prediction.gaussians):,})"
+        kept = (
+            ""
+            if result.num_gaussians == len(prediction.gaussians)
+            else f" (of {len(prediction.gaussians):,})"
+        )
         tqdm.write(
             f"{path}: {result.num_gaussians:,} Gaussians{kept}, "
             f"{prediction.image_width}x{prediction.image_height}, "

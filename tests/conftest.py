@@ -20,9 +20,11 @@ def golden_fixtures_found() -> bool:
 
 def pytest_report_header() -> list[str]:
     """The machine, at the top of every run's output: a slow CI run then says why."""
-    memory = dict(
-        line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()[:3]
-    ) if Path("/proc/meminfo").exists() else {}
+    memory = (
+        dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()[:3])
+        if Path("/proc/meminfo").exists()
+        else {}
+    )
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     facts = (
         f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable)",

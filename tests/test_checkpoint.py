@@ -46,7 +46,9 @@ def test_official_shapes_load_without_copying(official_checkpoint, official_shap
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(official_checkpoint)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     num_values, peak_rss = map(int, result.stdout.split())
     used = [k for k in official_shapes if not k.startswith(UNUSED_CHECKPOINT_PREFIXES)]
@@ -147,7 +149,7 @@ class RangeServer(http.server.ThreadingHTTPServer):
 class RangeHandler(http.server.BaseHTTPRequestHandler):
     server: RangeServer
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         payload = self.server.payload
         requested = self.headers.get("Range")
         self.server.ranges.append(requested)
@@ -220,7 +222,10 @@ def test_hugging_face_reference(monkeypatch, tmp_path):
     monkeypatch.setenv("SHARP_CACHE_DIR", str(tmp_path))
     resolve_checkpoint("hf://apple/Sharp")
     assert seen == [
-        ("https://huggingface.co/apple/Sharp/resolve/main/sharp_2572gikvuh.pt", tmp_path / "sharp_2572gikvuh.pt")
+        (
+            "https://huggingface.co/apple/Sharp/resolve/main/sharp_2572gikvuh.pt",
+            tmp_path / "sharp_2572gikvuh.pt",
+        )
     ]
     with pytest.raises(CheckpointError, match="hf://owner/repo"):
         resolve_checkpoint("hf://apple")

@@ -31,7 +31,16 @@ def test_folder_with_a_bad_file(tmp_path, tiny_checkpoint, golden_dir):
     (inputs / "notes.txt").write_text("not an image")
     (inputs / ".hidden.png").write_bytes(b"ignored")
 
-    result = run_cli("predict", str(inputs), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint), "--device", "cpu")
+    result = run_cli(
+        "predict",
+        str(inputs),
+        "-o",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+    )
 
     assert result.returncode == 1, result.stderr
     assert "notes.txt: FAILED" in result.stderr and "1 of 2 images failed" in result.stderr
@@ -54,8 +63,18 @@ def test_sharp_layout_and_focal_override(tmp_path, tiny_checkpoint, golden_dir):
     image = tmp_path / "coffee.jpg"
     image.write_bytes(data)
     result = run_cli(
-        "predict", str(image), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint),
-        "--device", "cpu", "--ply-layout", "sharp", "--focal-px", "777",
+        "predict",
+        str(image),
+        "-o",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "--ply-layout",
+        "sharp",
+        "--focal-px",
+        "777",
     )
     assert result.returncode == 0, result.stderr
     assert "focal 777.0 px (override)" in result.stdout
@@ -66,7 +85,9 @@ def test_sharp_layout_and_focal_override(tmp_path, tiny_checkpoint, golden_dir):
 
 
 def test_untrained_model_is_labelled(tmp_path):
-    result = run_cli("predict", SAMPLE, "-o", str(tmp_path), "--checkpoint", "tiny-untrained", "--device", "cpu")
+    result = run_cli(
+        "predict", SAMPLE, "-o", str(tmp_path), "--checkpoint", "tiny-untrained", "--device", "cpu"
+    )
     assert result.returncode == 0, result.stderr
     assert "UNTRAINED" in result.stdout and "UNTRAINED" in result.stderr
     assert (tmp_path / "coffee.ply").stat().st_size == 1_179_648 * 56 + len(
@@ -78,7 +99,10 @@ def test_untrained_model_is_labelled(tmp_path):
     ("args", "message"),
     [
         (["predict", "missing.jpg", "-o", "out"], "no such file: missing.jpg"),
-        (["predict", SAMPLE, "-o", "out", "--checkpoint", "nope.pt"], "checkpoint 'nope.pt' not found"),
+        (
+            ["predict", SAMPLE, "-o", "out", "--checkpoint", "nope.pt"],
+            "checkpoint 'nope.pt' not found",
+        ),
         (["predict", SAMPLE, "-o", "out", "--focal-px", "-3"], "--focal-px must be a positive"),
     ],
 )
@@ -93,8 +117,20 @@ def test_compact_format_with_pruning(tmp_path):
     from engine.splats.formats.spz import read_spz
 
     result = run_cli(
-        "predict", SAMPLE, "-o", str(tmp_path), "--checkpoint", "tiny-untrained", "--device", "cpu",
-        "--format", "spz", "--max-gaussians", "1000", "--min-opacity", "0.1",
+        "predict",
+        SAMPLE,
+        "-o",
+        str(tmp_path),
+        "--checkpoint",
+        "tiny-untrained",
+        "--device",
+        "cpu",
+        "--format",
+        "spz",
+        "--max-gaussians",
+        "1000",
+        "--min-opacity",
+        "0.1",
     )
     assert result.returncode == 0, result.stderr
     assert "1,000 Gaussians (of 1,179,648)" in result.stdout
@@ -105,6 +141,8 @@ def test_compact_format_with_pruning(tmp_path):
 
 def test_build_engine_subcommand_without_gpu(tmp_path):
     """It runs the build tool as its own process; on the CPU, auto has nothing to build."""
-    result = run_cli("build-engine", "--checkpoint", "tiny-untrained", "--output-dir", str(tmp_path))
+    result = run_cli(
+        "build-engine", "--checkpoint", "tiny-untrained", "--output-dir", str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     assert "skipped: no GPU" in result.stdout and not any(tmp_path.iterdir())

@@ -15,8 +15,8 @@ import torch
 from handler_support import REPO
 
 from engine.io.images import decode_image
-from handler.inputs import decode_base64_image, parse_request
 from engine.settings import VARIABLES, Settings
+from handler.inputs import decode_base64_image, parse_request
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 HUB = json.loads((REPO / ".runpod" / "hub.json").read_text())
@@ -61,7 +61,10 @@ def test_dockerfile_essentials():
     assert 'pip install ".[worker]"' in DOCKERFILE
     # Without network the build cannot download the weights into the image behind the
     # licence's back: build_engine.py then defers to the worker.
-    assert "RUN --network=none python export/build_engine.py --output-dir /opt/sharp/engines\n" in DOCKERFILE
+    assert (
+        "RUN --network=none python export/build_engine.py --output-dir /opt/sharp/engines\n"
+        in DOCKERFILE
+    )
     assert "ENV SHARP_PREBUILT_ENGINE_DIR=/opt/sharp/engines\n" in DOCKERFILE
     assert "ARG BAKE_WEIGHTS=\n" in DOCKERFILE
     assert "raw.githubusercontent.com/apple/ml-sharp/main/LICENSE_MODEL" in DOCKERFILE

@@ -19,6 +19,7 @@ from runpod.serverless.modules.rp_job import run_job
 
 from engine.results import OutputOptions
 from engine.runtime.predictor import Prediction
+from engine.settings import Settings, WorkerSettings
 from engine.splats.formats import EncodedSplat
 from engine.splats.gaussians import Gaussians
 from handler import model as handler_model
@@ -26,7 +27,6 @@ from handler.fetch import FetchError, FetchPolicy, fetch, is_public_address
 from handler.inputs import InputError, decode_base64_image, parse_request
 from handler.model import checkpoint_spec, find_in_hf_cache, is_device_fault
 from handler.outputs import DeliveryError, base64_size, deliver, encode
-from engine.settings import Settings, WorkerSettings
 from handler.storage import ResultBucket, UploadError
 from handler.worker import SharpWorker
 

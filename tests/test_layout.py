@@ -32,7 +32,9 @@ def modules(package: str) -> list[Path]:
 
 def test_engine_never_imports_export_or_handler():
     offenders = {
-        str(path.relative_to(REPO)): sorted(n for n in imports(path) if n.split(".")[0] in ("export", "handler"))
+        str(path.relative_to(REPO)): sorted(
+            n for n in imports(path) if n.split(".")[0] in ("export", "handler")
+        )
         for path in modules("engine")
     }
     assert {k: v for k, v in offenders.items() if v} == {}

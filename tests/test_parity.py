@@ -60,7 +60,10 @@ def run_case(predictor: SharpPredictor, golden_dir, name: str):
         )
     ndc = network_gaussians(output)
     metric = postprocess(
-        ndc, focal_length_px=image.focal_length_px, image_width=image.width, image_height=image.height
+        ndc,
+        focal_length_px=image.focal_length_px,
+        image_width=image.width,
+        image_height=image.height,
     )
     ply = write_ply(
         metric,
@@ -75,16 +78,20 @@ def run_case(predictor: SharpPredictor, golden_dir, name: str):
 def check_case(expected, disparity: torch.Tensor, ndc: Gaussians, metric: Gaussians, ply: bytes):
     k = int(expected["subsample_every"])
     assert len(metric) == expected["num_gaussians"]
-    np.testing.assert_allclose(disparity[:, ::8, ::8].numpy(), expected["disparity"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        disparity[:, ::8, ::8].numpy(), expected["disparity"], rtol=0, atol=1e-4
+    )
     np.testing.assert_allclose(ndc.colors[::k].numpy(), expected["color_linear"], rtol=0, atol=1e-4)
     np.testing.assert_allclose(ndc.opacities[::k].numpy(), expected["opacity"], rtol=0, atol=1e-4)
     assert_means_close(ndc.means[::k].numpy(), expected["ndc_mean"])
     assert_covariances_close(
-        covariance6(ndc.quaternions[::k].numpy(), ndc.scales[::k].numpy()), expected["ndc_covariance6"]
+        covariance6(ndc.quaternions[::k].numpy(), ndc.scales[::k].numpy()),
+        expected["ndc_covariance6"],
     )
     assert_means_close(metric.means[::k].numpy(), expected["mean"])
     assert_covariances_close(
-        covariance6(metric.quaternions[::k].numpy(), metric.scales[::k].numpy()), expected["covariance6"]
+        covariance6(metric.quaternions[::k].numpy(), metric.scales[::k].numpy()),
+        expected["covariance6"],
     )
 
     # The .ply in the reference layout: same header bytes, same size, rows within tolerance.

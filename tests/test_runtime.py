@@ -80,7 +80,9 @@ def reference(network, inputs) -> SharpOutput:
 
 
 def engine_settings(engine_dir: Path, **overrides) -> EngineSettings:
-    values = dict(checkpoint=TINY_UNTRAINED, device="cpu", backend="exported", engine_dir=engine_dir)
+    values = dict(
+        checkpoint=TINY_UNTRAINED, device="cpu", backend="exported", engine_dir=engine_dir
+    )
     return EngineSettings(**{**values, **overrides})
 
 
@@ -93,7 +95,9 @@ def built_artifact(tmp_path_factory) -> Path:
     """One exported artifact, built by the build tool in this process, reused by the tests."""
     engine_dir = tmp_path_factory.mktemp("built")
     result = build_engine(
-        BuildOptions(checkpoint=TINY_UNTRAINED, backend="exported", device="cpu", apple_parity="off"),
+        BuildOptions(
+            checkpoint=TINY_UNTRAINED, backend="exported", device="cpu", apple_parity="off"
+        ),
         engine_settings(engine_dir),
     )
     assert result.status == "built", result.message
@@ -283,7 +287,9 @@ def test_an_artifact_that_disagrees_is_refused_and_eager_serves(network, info, i
     assert "beyond tolerance" in refused.reason
 
 
-def test_a_corrupt_artifact_is_set_aside_and_rebuilt_once(network, info, inputs, reference, tmp_path):
+def test_a_corrupt_artifact_is_set_aside_and_rebuilt_once(
+    network, info, inputs, reference, tmp_path
+):
     target = tmp_path / key_for(info).filename
     target.write_bytes(b"not a torch.export archive")
     runtime = NetworkRuntime(network, CPU, info, engine_settings(tmp_path))
@@ -309,7 +315,9 @@ def test_a_failed_build_is_reported_and_eager_goes_on(network, tmp_path):
     checkpoint.write_bytes(b"truncated")
     assert runtime.build is not None and runtime.wait(timeout_s=300)
     failed = runtime.report[-1]
-    assert failed.status == "failed" and "build failed" in failed.reason and "exit 2" in failed.reason
+    assert (
+        failed.status == "failed" and "build failed" in failed.reason and "exit 2" in failed.reason
+    )
     assert runtime.active.name == "eager" and not runtime.pending
     assert not list((tmp_path / "engines").glob("*.pt2"))
 

@@ -30,7 +30,9 @@ def test_defaults():
     engine, worker = settings.engine, settings.worker
     assert engine.checkpoint is None and engine.device == "auto" and engine.backend == "auto"
     assert engine.precision is None and engine.fp32_blocks is None and engine.engine_build
-    assert engine.resolved_precision("cuda") == "fp16" and engine.resolved_precision("cpu") == "fp32"
+    assert (
+        engine.resolved_precision("cuda") == "fp16" and engine.resolved_precision("cpu") == "fp32"
+    )
     assert engine.engine_directory == engine.cache_dir / "engines"
     assert worker.max_inline_bytes == DEFAULT_MAX_INLINE_BYTES == 19_000_000
     assert worker.max_image_bytes == 25_000_000 and worker.url_timeout_s == 30
@@ -78,7 +80,10 @@ def test_cache_dir_follows_environment(tmp_path):
 
 BAD = [
     ({"SHARP_DEVICE": "gpu"}, "SHARP_DEVICE must be one of auto, cpu, cuda; got 'gpu'"),
-    ({"SHARP_BACKEND": "warp"}, "SHARP_BACKEND must be one of auto, tensorrt, compiled, exported, eager"),
+    (
+        {"SHARP_BACKEND": "warp"},
+        "SHARP_BACKEND must be one of auto, tensorrt, compiled, exported, eager",
+    ),
     ({"SHARP_PRECISION": "fp8"}, "SHARP_PRECISION must be one of fp32, fp16, bf16; got 'fp8'"),
     ({"SHARP_FP32_BLOCKS": "decoder"}, "SHARP_FP32_BLOCKS: 'decoder' names 2 blocks"),
     ({"SHARP_ENGINE_BUILD": "maybe"}, "SHARP_ENGINE_BUILD must be one of auto, off"),
@@ -90,7 +95,11 @@ BAD = [
     ({"RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "on"}, "must be one of 1, true, yes"),
     ({"BUCKET_ENDPOINT_URL": "https://s3.example.com"}, "BUCKET_ACCESS_KEY_ID is not set"),
     (
-        {"BUCKET_ENDPOINT_URL": "s3.example.com", "BUCKET_ACCESS_KEY_ID": "a", "BUCKET_SECRET_ACCESS_KEY": "b"},
+        {
+            "BUCKET_ENDPOINT_URL": "s3.example.com",
+            "BUCKET_ACCESS_KEY_ID": "a",
+            "BUCKET_SECRET_ACCESS_KEY": "b",
+        },
         "BUCKET_ENDPOINT_URL must be an http(s) URL",
     ),
 ]
@@ -103,13 +112,21 @@ def test_bad_settings_name_the_variable(env, message):
 
 
 def test_private_url_switch_uses_the_sdk_values():
-    for value, expected in [("1", True), ("TRUE", True), ("yes", True), ("0", False), ("no", False)]:
+    for value, expected in [
+        ("1", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("0", False),
+        ("no", False),
+    ]:
         settings = WorkerSettings.from_env({"RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": value})
         assert settings.allow_private_urls is expected
 
 
 def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SHARP_", "BUCKET_", "RUNPOD_"))}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SHARP_", "BUCKET_", "RUNPOD_"))
+    }
     return subprocess.run(
         command, cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=120
     )

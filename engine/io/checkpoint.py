@@ -87,7 +87,9 @@ def download(url: str, target: Path) -> None:
         if target.exists():  # another worker finished it while we waited
             return
         offset = partial.stat().st_size if partial.exists() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+        request = urllib.request.Request(
+            url, headers={"Range": f"bytes={offset}-"} if offset else {}
+        )
         logger.info("Downloading %s to %s", url, target)
         try:
             with urllib.request.urlopen(request, timeout=_DOWNLOAD_TIMEOUT_S) as response:
@@ -95,9 +97,12 @@ def download(url: str, target: Path) -> None:
                     offset = 0
                 length = response.headers.get("Content-Length")
                 total = offset + int(length) if length is not None else None
-                with open(partial, "ab" if offset else "wb") as out, tqdm(
-                    total=total, initial=offset, unit="B", unit_scale=True, desc=target.name
-                ) as progress:
+                with (
+                    open(partial, "ab" if offset else "wb") as out,
+                    tqdm(
+                        total=total, initial=offset, unit="B", unit_scale=True, desc=target.name
+                    ) as progress,
+                ):
                     while chunk := response.read(_DOWNLOAD_CHUNK):
                         out.write(chunk)
                         progress.update(len(chunk))
@@ -139,7 +144,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"cannot read checkpoint {path}: the file is truncated or not a PyTorch "
             f"checkpoint ({type(error).__name__}: {error}). Delete it and download it again."
         ) from error
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return dict(state)
 
@@ -157,7 +164,11 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: SharpNetwork
     ]
     problems = [
         f"{label} ({len(items)}): {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched))
+        for label, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape", mismatched),
+        )
         if items
     ]
     if problems:

@@ -98,7 +98,9 @@ def compose(base: BaseGaussians, delta: torch.Tensor) -> tuple[torch.Tensor, ...
         1, 4, 1, 1, 1
     )
     base_colors = base.colors.clamp(0.01, 0.99)
-    colors = srgb_to_linear(torch.sigmoid(torch.logit(base_colors) + COLOR_DELTA_FACTOR * delta[:, 10:13]))
+    colors = srgb_to_linear(
+        torch.sigmoid(torch.logit(base_colors) + COLOR_DELTA_FACTOR * delta[:, 10:13])
+    )
     # Base opacity min(1 / L, 0.5) keeps the initial transmittance near 1/e for any L.
     num_layers = delta.shape[2]
     base_opacity = min(1.0 / num_layers, 0.5)

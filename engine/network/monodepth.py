@@ -53,7 +53,9 @@ def project_and_upsample(dim_in: int, dim_out: int, num_upsamples: int, dim_mid:
     """1x1 projection followed by learned 2x upsamplings."""
     dim_mid = dim_out if dim_mid is None else dim_mid
     layers: list[nn.Module] = [nn.Conv2d(dim_in, dim_mid, 1, bias=False)]
-    layers += [conv_transpose_2x(dim_mid if i == 0 else dim_out, dim_out) for i in range(num_upsamples)]
+    layers += [
+        conv_transpose_2x(dim_mid if i == 0 else dim_out, dim_out) for i in range(num_upsamples)
+    ]
     return nn.Sequential(*layers)
 
 

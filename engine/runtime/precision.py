@@ -87,7 +87,9 @@ class PrecisionPlan:
         return f"{self.precision} (fp32 blocks: {kept})"
 
     @classmethod
-    def for_precision(cls, precision: str, fp32_blocks: Sequence[str] | None = None) -> PrecisionPlan:
+    def for_precision(
+        cls, precision: str, fp32_blocks: Sequence[str] | None = None
+    ) -> PrecisionPlan:
         """The plan for `precision`: `fp32_blocks` (default DEFAULT_FP32_BLOCKS) kept in fp32."""
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}; got {precision!r}")

@@ -229,7 +229,7 @@ class NetworkRuntime:
         start = time.perf_counter()
         try:
             forward = load_artifact(kind, path, self.device)
-        except Exception as error:  # noqa: BLE001 (any load failure: set it aside, rebuild once)
+        except Exception as error:
             reason = f"failed to load {path.name}: {_describe(error)}"
             set_aside(path, reason)  # a read-only prebuilt file stays; the rebuild shadows it
             if self.settings.engine_build and not target.rebuilt:
@@ -286,7 +286,7 @@ class NetworkRuntime:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             return validate(self._reference, candidate, precision)
-        except Exception as error:  # noqa: BLE001 (a backend that cannot run is refused)
+        except Exception as error:
             logger.warning("Validation run failed: %s", _describe(error))
             return None
 

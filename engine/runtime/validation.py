@@ -22,6 +22,7 @@ from engine.splats.gaussians import covariances_from
 # (engine.splats.gaussians.unproject scales by w / 2f and h / 2f) are exactly the network's output.
 VALIDATION_DISPARITY_FACTOR = 0.5
 
+
 @dataclass(frozen=True)
 class Tolerances:
     """The golden tolerances: max abs error for disparity, colors, opacities; means relative to
@@ -103,8 +104,6 @@ def error_ratio(errors: Mapping[str, float], tolerances: Tolerances) -> float:
 def json_errors(errors: Mapping[str, float]) -> dict[str, float | None]:
     """Errors for JSON: non-finite becomes null."""
     return {k: (v if math.isfinite(v) else None) for k, v in errors.items()}
-
-
 
 
 @dataclass(frozen=True)
