@@ -51,10 +51,15 @@ from engine.runtime.artifacts import (
 from engine.runtime.backends import export_network, load_artifact, preferred_kind
 from engine.runtime.builds import EXIT_LOCK_HELD
 from engine.runtime.numerics import configure_numerics
-from engine.runtime.precision import PrecisionPlan, measure_blocks, mixed_network
+from engine.runtime.precision import PrecisionPlan, mixed_network
 from engine.runtime.predictor import resolve_device
 from engine.runtime.tensorrt import compile_tensorrt, save_tensorrt, timing_cache_path
-from engine.runtime.validation import reference_output, validate, validation_input
+from engine.runtime.validation import (
+    measure_blocks,
+    reference_output,
+    validate,
+    validation_input,
+)
 from engine.settings import DEFAULT_CHECKPOINT_URL, EngineSettings, Settings, SettingsError
 
 logger = logging.getLogger("sharp-runpod.build-engine")

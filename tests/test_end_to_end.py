@@ -42,8 +42,8 @@ from handler_support import SAMPLE, WorkerServer, http_get, moto_s3, worker_serv
 from PIL import Image, ImageOps
 
 from engine.io.images import decode_image
+from engine.network.color import linear_to_srgb
 from engine.runtime.predictor import Prediction, SharpPredictor
-from engine.splats.color import linear_to_srgb
 from engine.splats.formats import FORMATS, encode
 from engine.splats.formats.ply import VERTEX_PROPERTIES, read_ply, vertex_rows
 from engine.splats.formats.splat import read_splat

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.splats.color import linear_to_srgb
+from engine.network.color import linear_to_srgb
 from engine.splats.formats import FORMATS, EncodedSplat, encode
 from engine.splats.formats.common import SH_C0
 from engine.splats.formats.splat import read_splat, write_splat

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from engine.network import UNUSED_CHECKPOINT_PREFIXES, SharpNetwork
+from engine.network.color import linear_to_srgb, srgb_to_linear
 from engine.network.composer import inverse_softplus
 from engine.network.config import SharpConfig
 from engine.network.monodepth import merge_tiles, split_into_tiles
-from engine.splats.color import linear_to_srgb, srgb_to_linear
 
 
 def used_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

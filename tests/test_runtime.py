@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,17 +24,17 @@ from handler_support import SAMPLE, worker_server
 
 from engine.io.checkpoint import TINY_UNTRAINED, build_untrained, load_network
 from engine.io.images import decode_image
-from engine.network import SharpOutput
+from engine.network import SharpOutput, TupleOutputs
 from engine.runtime.artifacts import (
     ArtifactKey,
     BuildLock,
     LockHeld,
     checkpoint_digest,
-    graph_code_digest,
     set_aside,
     write_atomic,
 )
 from engine.runtime.backends import export_network
+from engine.runtime.graph_code import graph_code_digest, graph_modules
 from engine.runtime.precision import (
     BLOCKS,
     DEFAULT_FP32_BLOCKS,
@@ -179,20 +180,60 @@ def test_artifact_key_names_everything_the_artifact_depends_on(info):
     assert key.filename.startswith("sharp-exported-fp32-") and key.filename.endswith(".pt2")
 
 
-def test_graph_code_digest_covers_every_network_module(tmp_path, monkeypatch):
-    import engine.runtime.artifacts as artifacts
+def copy_of_the_engine(tmp_path: Path) -> Path:
+    """A copy of the engine's source to edit: the digest reads source, never imports it."""
+    root = tmp_path / "src"
+    shutil.copytree(REPO / "engine", root / "engine", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
 
-    network_dir = tmp_path / "network"
-    network_dir.mkdir()
-    (network_dir / "a.py").write_text("x = 1\n")
-    precision = tmp_path / "precision.py"
-    precision.write_text("y = 1\n")
-    monkeypatch.setattr(artifacts, "_GRAPH_CODE", (network_dir, precision))
-    first = graph_code_digest()
-    (network_dir / "b.py").write_text("z = 1\n")  # a new module, listed by no one
-    second = graph_code_digest()
-    precision.write_text("y = 2\n")
-    assert len({first, second, graph_code_digest()}) == 3
+
+def test_graph_code_digest_covers_every_network_module(tmp_path):
+    root = copy_of_the_engine(tmp_path)
+    network_dir = root / "engine" / "network"
+    first = graph_code_digest(source_root=root)
+    # A new module, listed by no one: the digest follows the composer's import to it.
+    (network_dir / "helper.py").write_text("z = 1\n")
+    composer = network_dir / "composer.py"
+    composer.write_text(composer.read_text() + "\nfrom engine.network.helper import z\n")
+    second = graph_code_digest(source_root=root)
+    precision = root / "engine" / "runtime" / "precision.py"
+    precision.write_text(precision.read_text() + "\ny = 2\n")
+    assert len({first, second, graph_code_digest(source_root=root)}) == 3
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["engine/network/color.py", "engine/network/vit.py", "engine/__init__.py"],
+)
+def test_a_stale_key_is_impossible_when_imported_code_changes(tmp_path, module):
+    """Edit any module the traced code imports, even indirectly: the artifact key changes."""
+    root = copy_of_the_engine(tmp_path)
+    assert module in {
+        str(path.relative_to(root)) for path in graph_modules(source_root=root).values()
+    }
+    before = graph_code_digest(source_root=root)
+    (root / module).write_text((root / module).read_text() + "\n# edited\n")
+    assert graph_code_digest(source_root=root) != before
+
+
+def test_code_outside_the_graph_keeps_the_key(tmp_path):
+    root = copy_of_the_engine(tmp_path)
+    before = graph_code_digest(source_root=root)
+    for module in ("engine/splats/formats/ply.py", "engine/runtime/serving.py"):
+        (root / module).write_text((root / module).read_text() + "\n# edited\n")
+    assert graph_code_digest(source_root=root) == before
+    assert graph_code_digest() == graph_code_digest(source_root=REPO)  # the real tree
+
+
+def test_the_graph_roots_reach_every_traced_module_class():
+    """The module classes of a traced network (mixed precision, tuple outputs) all come from
+    modules whose source is in the digest."""
+    network = TupleOutputs(mixed_network(build_untrained(), PrecisionPlan.for_precision("fp16")))
+    covered = set(graph_modules())
+    traced = {type(m).__module__ for m in network.modules()}
+    project = {name for name in traced if name.split(".")[0] == "engine"}
+    assert project and project <= covered, project - covered
+    assert "engine.network.color" in covered  # a function, not a module class, in the graph
 
 
 def test_build_lock_excludes_and_breaks_stale_locks(tmp_path):

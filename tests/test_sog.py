@@ -31,8 +31,8 @@ import torch
 
 from engine.io.checkpoint import TINY_UNTRAINED
 from engine.io.images import decode_image
+from engine.network.color import linear_to_srgb
 from engine.runtime.predictor import Prediction, SharpPredictor
-from engine.splats.color import linear_to_srgb
 from engine.splats.formats import FORMATS, encode
 from engine.splats.formats.common import SH_C0
 from engine.splats.formats.ply import read_ply

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.splats.color import srgb_to_linear
+from engine.network.color import srgb_to_linear
 
 # Depth normalization: the nearest point is put at depth 1, everything is clamped at 100.
 DEPTH_MIN, DEPTH_MAX = 1.0, 100.0

@@ -62,3 +62,16 @@ class SharpNetwork(nn.Module):
         texture, geometry = self.feature_model(decoder_input, encoder_features)
         deltas = self.prediction_head(texture, geometry)
         return SharpOutput(*compose(base, deltas), disparity)
+
+
+class TupleOutputs(nn.Module):
+    """The network with its outputs as a plain tuple: the calling convention of every artifact."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(
+        self, image: torch.Tensor, disparity_factor: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        return tuple(self.network(image, disparity_factor))

@@ -3,7 +3,7 @@
 An artifact (a TensorRT engine, an AOTInductor package, an exported program) is valid only for
 the exact inputs of its build, so its file name is a digest of all of them (`ArtifactKey`):
 the kind, GPU and compute capability, the CUDA/torch/TensorRT versions, the checkpoint's
-digest, a digest of the code that defines the traced graph, the precision plan and the input
+digest, a digest of the code that defines the traced graph (`graph_code`), the precision plan and the input
 resolution. A worker finds an artifact by computing the key, never by trusting a hand list.
 
 Files are written to a temporary name and renamed, so a reader never sees half a file. Builds
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from engine.io.checkpoint import CheckpointInfo, file_digest
+from engine.runtime.graph_code import graph_code_digest
 from engine.runtime.precision import PrecisionPlan
 
 logger = logging.getLogger(__name__)
@@ -41,17 +42,6 @@ KINDS = ("tensorrt", "compiled", "exported")
 _SUFFIX = {"tensorrt": ".ep", "compiled": ".pt2", "exported": ".pt2"}
 HEARTBEAT_S = 10.0
 STALE_LOCK_S = 60.0  # a lock not touched for this long belongs to a dead build
-# The code whose source decides the traced graph: the network package and the precision casts.
-_GRAPH_CODE = (Path(__file__).parents[1] / "network", Path(__file__).with_name("precision.py"))
-
-
-def graph_code_digest() -> str:
-    """SHA-256 over the source of every module that defines the traced graph, found by glob."""
-    sha = hashlib.sha256()
-    for root in _GRAPH_CODE:
-        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
-            sha.update(path.name.encode() + b"\0" + path.read_bytes())
-    return sha.hexdigest()[:20]
 
 
 def graph_digest(program: torch.export.ExportedProgram) -> str:

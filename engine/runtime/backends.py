@@ -21,25 +21,12 @@ import torch
 from torch import nn
 from torch.export.passes import move_to_device_pass
 
-from engine.network import SharpOutput
+from engine.network import SharpOutput, TupleOutputs
 from engine.runtime.precision import PrecisionPlan, mixed_network
 from engine.runtime.tensorrt import BackendUnavailable, as_network, import_tensorrt, load_tensorrt
 
 NetworkFn = Callable[[torch.Tensor, torch.Tensor], SharpOutput]
 NetworkInputs = tuple[torch.Tensor, torch.Tensor]
-
-
-class TupleOutputs(nn.Module):
-    """The network with its outputs as a plain tuple: the calling convention of every artifact."""
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-
-    def forward(
-        self, image: torch.Tensor, disparity_factor: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        return tuple(self.network(image, disparity_factor))
 
 
 def export_network(network: nn.Module, inputs: NetworkInputs) -> torch.export.ExportedProgram:

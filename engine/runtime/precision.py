@@ -4,27 +4,20 @@ A plan is float32 throughout, or the top-level blocks in `BLOCKS` in float16/bfl
 explicit casts at their borders and everything else (depth normalization, the composer) in
 float32. Explicit casts, not autocast, give one set of numerics for every backend: TensorRT
 builds the graph strongly typed (it honours the dtypes it is given), and no weight is re-cast
-on every call. The default set of float32 blocks is a constant; `measure_blocks` (a build-tool
-option, never cold-start work) shows what each block costs in accuracy.
+on every call. The default set of float32 blocks is a constant; `validation.measure_blocks` (a
+build-tool option, never cold-start work) shows what each block costs in accuracy.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
-
-from engine.network import SharpOutput
-from engine.runtime.validation import error_ratio, json_errors, output_errors, tolerances_for
-
-logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -53,8 +46,6 @@ BLOCKS = (
 # Kept in float32 unless configured otherwise: the disparity head sets every depth, the delta
 # head feeds exp/sigmoid activations; both are a small share of the FLOPs.
 DEFAULT_FP32_BLOCKS = (f"{_PREDICTOR}.head", "prediction_head")
-# A block stays in half precision when, alone, it uses at most this share of the tolerance.
-BLOCK_BUDGET = 0.25
 
 
 def resolve_block(name: str) -> str:
@@ -137,40 +128,3 @@ def _with_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     clone.__dict__["_modules"] = dict(root._modules)
     clone._modules[head] = _with_submodule(root._modules[head], rest, new) if rest else new
     return clone
-
-
-def measure_blocks(
-    network: nn.Module,
-    precision: str,
-    inputs: tuple[torch.Tensor, torch.Tensor],
-    reference: SharpOutput,
-    blocks: Sequence[str] = BLOCKS,
-) -> list[dict[str, Any]]:
-    """Each block alone in `precision`, the rest in float32: the output errors it causes.
-
-    Rows: block, ratio (largest error as a share of the half-precision tolerance), max_errors.
-    """
-    tolerances = tolerances_for(precision)
-    rows = []
-    for block in blocks:
-        others = tuple(b for b in BLOCKS if b != block)
-        candidate = mixed_network(network, PrecisionPlan(precision, others))
-        with torch.inference_mode():
-            errors = output_errors(reference, candidate(*inputs))
-        ratio = error_ratio(errors, tolerances)
-        logger.info("%s alone in %s: %.3g of the tolerance", block, precision, ratio)
-        rows.append(
-            {
-                "block": block,
-                "ratio": ratio if math.isfinite(ratio) else None,
-                "max_errors": json_errors(errors),
-            }
-        )
-    return rows
-
-
-def blocks_over_budget(
-    rows: Sequence[Mapping[str, Any]], budget: float = BLOCK_BUDGET
-) -> tuple[str, ...]:
-    """Blocks whose error alone exceeds `budget` of the tolerance (ratio None: non-finite)."""
-    return tuple(row["block"] for row in rows if row["ratio"] is None or row["ratio"] > budget)

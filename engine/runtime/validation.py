@@ -7,8 +7,9 @@ them for half precision.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +17,10 @@ import torch
 from torch import nn
 
 from engine.network import SharpOutput
+from engine.runtime.precision import BLOCKS, PrecisionPlan, mixed_network
 from engine.splats.gaussians import covariances_from
+
+logger = logging.getLogger(__name__)
 
 # The validation photo is square with focal length = width / 2: for it the metric Gaussians
 # (engine.splats.gaussians.unproject scales by w / 2f and h / 2f) are exactly the network's output.
@@ -136,3 +140,33 @@ def validate(reference: SharpOutput, candidate: SharpOutput, precision: str) -> 
     """Compare `candidate` with the eager float32 `reference` at `precision`'s tolerances."""
     errors = output_errors(reference, candidate)
     return Validation(precision, errors, tuple(exceeded(errors, tolerances_for(precision))))
+
+
+def measure_blocks(
+    network: nn.Module,
+    precision: str,
+    inputs: tuple[torch.Tensor, torch.Tensor],
+    reference: SharpOutput,
+    blocks: Sequence[str] = BLOCKS,
+) -> list[dict[str, Any]]:
+    """Each block alone in `precision`, the rest in float32: the output errors it causes.
+
+    Rows: block, ratio (largest error as a share of the half-precision tolerance), max_errors.
+    """
+    tolerances = tolerances_for(precision)
+    rows = []
+    for block in blocks:
+        others = tuple(b for b in BLOCKS if b != block)
+        candidate = mixed_network(network, PrecisionPlan(precision, others))
+        with torch.inference_mode():
+            errors = output_errors(reference, candidate(*inputs))
+        ratio = error_ratio(errors, tolerances)
+        logger.info("%s alone in %s: %.3g of the tolerance", block, precision, ratio)
+        rows.append(
+            {
+                "block": block,
+                "ratio": ratio if math.isfinite(ratio) else None,
+                "max_errors": json_errors(errors),
+            }
+        )
+    return rows

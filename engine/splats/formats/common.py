@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.splats.color import linear_to_srgb, srgb_to_linear
+from engine.network.color import linear_to_srgb, srgb_to_linear
 from engine.splats.gaussians import Gaussians
 
 # Y_0^0 = 1 / (2 sqrt(pi)): colour = 0.5 + SH_C0 * sh0 for a degree-0 splat.

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.splats.color import linear_to_srgb, srgb_to_linear
+from engine.network.color import linear_to_srgb, srgb_to_linear
 from engine.splats.gaussians import Gaussians
 
 Layout = Literal["standard", "sharp"]

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.splats.color import linear_to_srgb
+from engine.network.color import linear_to_srgb
 from engine.splats.formats.codebook import CODEBOOK_SIZE, codebook_labels
 from engine.splats.formats.common import SH_C0, linear_colors
 from engine.splats.gaussians import Gaussians

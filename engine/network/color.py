@@ -1,6 +1,8 @@
 """The sRGB transfer function, one definition for the network and every file format.
 
-SHARP works in linear RGB; viewers blend stored colours as they are, so files store sRGB.
+SHARP works in linear RGB; viewers blend stored colours as they are, so files store sRGB. It
+lives in the network package because the network's composer calls it (it is traced into
+compiled artifacts); the file formats import it from here.
 """
 
 from __future__ import annotations
