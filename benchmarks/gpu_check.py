@@ -33,31 +33,18 @@ rewritten after every backend, so a killed run still leaves what it measured.
 Environment: only torch, numpy and Pillow are needed (no pillow-heif, TensorRT or network). It
 inserts the repository root on sys.path, so a plain checkout runs it as a script.
 
-How a session with a lent GPU runs it
--------------------------------------
-The device tool (`run`) executes one command in the repository root of a copy of the working
-tree on the GPU machine and brings back what the command writes under $OUT; the default
---out is $OUT when set. Build and test on the CPU first (`--smoke`), then make one call:
+Running it on a GPU machine
+---------------------------
+On a machine with an NVIDIA GPU and this repository checked out:
 
-    run(command="python benchmarks/gpu_check.py", timeout_s=570)
+    make gpu-check                                   # every backend, within 8 minutes
+    make gpu-check ARGS="--golden tests/data/golden/cases/full_astronaut"
+    make gpu-check ARGS="--backends aoti-fp16 --budget-s 150 --hard-limit-s 200"
 
-and read gpu_check.md in the returned files (the table is printed to stdout too). The run
-keeps itself within 8 minutes; timeout_s above that leaves time for start-up and the copy back.
-A machine is lent for about 15 minutes in all (its start-up included), so the full run leaves
-room for one short re-run while the machine is still warm (it is given back after a short
-idle time): only what failed, with the limits lowered to fit, e.g.
-`--backends aoti-fp16 --budget-s 150 --hard-limit-s 200` and timeout_s=240. Then give_back.
-Each re-run's files replace the last ones: keep what the first run returned.
-
-With the golden full case (Apple's outputs for the official shapes; ../shared is absent on the
-GPU machine, so copy it into an ignored folder and carry it):
-
-    mkdir -p out/golden_full
-    cp ../shared/golden/cases/full_astronaut/* ../shared/golden/weights.py out/golden_full/
-    run(command="python benchmarks/gpu_check.py --golden out/golden_full",
-        carry=["out/golden_full"], timeout_s=570)
-
-The network then carries the golden weights (make_weights in weights.py) for every backend.
+Results go to --out (default: $OUT when set, else out/gpu_check): gpu_check.json and
+gpu_check.md, the table also printed. With --golden, the network carries the golden fixtures'
+deterministic weights (engine.io.fixture_weights) for every backend and each backend's output is
+compared with Apple's reference for that case. Check on the CPU first with --smoke.
 """
 
 from __future__ import annotations
@@ -70,8 +57,6 @@ import argparse
 import contextlib
 import dataclasses
 import gc
-import importlib
-import importlib.util
 import io
 import json
 import math
@@ -97,6 +82,7 @@ import torch
 from PIL import Image
 
 from engine.io.checkpoint import build_untrained
+from engine.io.fixture_weights import fixture_weights
 from engine.io.images import decode_image
 from engine.network import SharpOutput
 from engine.network.config import SharpConfig
@@ -309,25 +295,20 @@ class Golden:
 
     @classmethod
     def load(cls, directory: Path) -> Golden:
-        """A folder with expected.npz, weights.py and input.png / input.jpg of one case."""
+        """A case folder of tests/data/golden/cases: expected.npz and input.png / input.jpg."""
         inputs = sorted(directory.glob("input.*"))
-        missing = [n for n in ("expected.npz", "weights.py") if not (directory / n).is_file()]
+        missing = [n for n in ("expected.npz",) if not (directory / n).is_file()]
         if missing or not inputs:
             raise FileNotFoundError(
-                f"{directory} lacks {', '.join(missing + ([] if inputs else ['input.png']))}: copy "
-                "a case folder (expected.npz, input.*) and weights.py of ../shared/golden into it"
+                f"{directory} lacks {', '.join(missing + ([] if inputs else ['input.png']))}: "
+                "give a case folder of tests/data/golden/cases"
             )
         with np.load(directory / "expected.npz") as npz:
             expected = {name: npz[name] for name in npz.files}
         return cls(directory, expected, inputs[0].read_bytes())
 
     def make_weights(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        spec = importlib.util.spec_from_file_location(
-            "golden_weights", self.directory / "weights.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.make_weights(state_dict)
+        return fixture_weights(state_dict)
 
     def check(self, forward: NetworkFn, staging: InputStaging, precision: str) -> Validation:
         """The forward's errors on the golden photo against the reference, at `precision`'s

@@ -1,21 +1,51 @@
-"""Shared fixtures: the golden fixtures beside the clone, and checkpoints made from them."""
+"""Shared fixtures: the golden fixtures in tests/data/golden, and checkpoints made from them."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from engine.io.fixture_weights import fixture_weights
+
+# Figures measured from Apple's reference implementation, in the repository (see its README).
+GOLDEN_DIR = Path(__file__).resolve().parent / "data" / "golden"
+
+
+@dataclass(frozen=True)
+class GoldenCase:
+    """One golden case: an input photo and the reference's expected arrays."""
+
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def input_path(self) -> Path:
+        (path,) = self.folder.glob("input.*")
+        return path
+
+    @property
+    def expected_path(self) -> Path:
+        return self.folder / "expected.npz"
+
+    def expected(self) -> dict[str, np.ndarray]:
+        with np.load(self.expected_path) as arrays:
+            return dict(arrays)
+
+
+GOLDEN_CASES = tuple(GoldenCase(p.parent) for p in sorted(GOLDEN_DIR.glob("cases/*/expected.npz")))
 
 
 def golden_fixtures_found() -> bool:
-    return (GOLDEN_DIR / "README.md").is_file()
+    return len(GOLDEN_CASES) == 4 and (GOLDEN_DIR / "tiny_state_dict.tsv").is_file()
 
 
 def pytest_report_header() -> list[str]:
@@ -47,18 +77,27 @@ def read_shapes(tsv: Path) -> dict[str, tuple[int, ...]]:
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    if not golden_fixtures_found():
-        pytest.skip(f"golden fixtures not found at {GOLDEN_DIR}")
+    """The golden fixtures; a clone without them is broken, not a reason to skip."""
+    assert golden_fixtures_found(), f"golden fixtures missing under {GOLDEN_DIR}"
     return GOLDEN_DIR
 
 
+@pytest.fixture(params=GOLDEN_CASES, ids=lambda case: case.name)
+def golden_case(request: pytest.FixtureRequest) -> GoldenCase:
+    """Each golden case in turn."""
+    return request.param
+
+
+@pytest.fixture
+def golden(golden_case: GoldenCase) -> dict[str, np.ndarray]:
+    """Each golden case's expected arrays in turn."""
+    return golden_case.expected()
+
+
 @pytest.fixture(scope="session")
-def make_weights(golden_dir: Path) -> Callable[[dict], dict[str, torch.Tensor]]:
-    """The golden deterministic weight recipe (a pure function of key and shape)."""
-    spec = importlib.util.spec_from_file_location("golden_weights", golden_dir / "weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_weights
+def make_weights() -> Callable[[dict], dict[str, torch.Tensor]]:
+    """The golden fixtures' deterministic weights (a pure function of key and shape)."""
+    return fixture_weights
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +129,5 @@ def official_checkpoint(tmp_path_factory, make_weights, official_shapes) -> Path
 
 def load_case(golden_dir: Path, name: str) -> tuple[bytes, dict[str, np.ndarray]]:
     """A golden case's input bytes and expected arrays."""
-    folder = golden_dir / "cases" / name
-    image = next(folder.glob("input.*"))
-    with np.load(folder / "expected.npz") as expected:
-        return image.read_bytes(), dict(expected)
+    case = GoldenCase(golden_dir / "cases" / name)
+    return case.input_path.read_bytes(), case.expected()

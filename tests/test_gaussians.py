@@ -4,7 +4,6 @@ covariance factorization, against independent formulas, torch.linalg and the gol
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +20,6 @@ from engine.splats.gaussians import (
     unproject,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-GOLDEN_CASES = sorted(GOLDEN.glob("cases/*/expected.npz"))
 UPPER = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # covariance6 order
 
 
@@ -299,11 +296,6 @@ def test_postprocess_on_cuda_matches_cpu() -> None:
 # --- golden parity ----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=GOLDEN_CASES, ids=lambda p: p.parent.name)
-def golden(request: pytest.FixtureRequest) -> dict[str, np.ndarray]:
-    return dict(np.load(request.param))
-
-
 def ndc_gaussians(golden: dict[str, np.ndarray]) -> Gaussians:
     names = ("ndc_mean", "ndc_scale", "ndc_quat", "color_linear", "opacity")
     return Gaussians(*(torch.from_numpy(golden[name]) for name in names))
@@ -314,7 +306,6 @@ def covariance6(quaternions: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
     return torch.stack([c[:, i, j] for i, j in UPPER], dim=-1).numpy()
 
 
-@pytest.mark.skipif(not GOLDEN_CASES, reason=f"no golden data under {GOLDEN}")
 def test_golden_ndc_covariances(golden: dict[str, np.ndarray]) -> None:
     ours = covariance6(torch.from_numpy(golden["ndc_quat"]), torch.from_numpy(golden["ndc_scale"]))
     expected = golden["ndc_covariance6"]
@@ -322,7 +313,6 @@ def test_golden_ndc_covariances(golden: dict[str, np.ndarray]) -> None:
     assert (np.abs(ours - expected).max(axis=1) <= tolerance).all()
 
 
-@pytest.mark.skipif(not GOLDEN_CASES, reason=f"no golden data under {GOLDEN}")
 def test_golden_postprocess(golden: dict[str, np.ndarray]) -> None:
     out = postprocess(
         ndc_gaussians(golden),

@@ -9,12 +9,12 @@ import struct
 import time
 import warnings
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pillow_heif
 import pytest
+from conftest import GoldenCase
 from PIL import Image, ImageCms, ImageFile, ImageOps, TiffImagePlugin
 
 from engine.io.images import (
@@ -24,8 +24,6 @@ from engine.io.images import (
     decode_image,
     focal_length_px_from_35mm,
 )
-
-GOLDEN_CASES = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "cases"
 
 RED = (220, 30, 40)
 BLUE = (20, 40, 200)
@@ -611,15 +609,9 @@ def test_decode_error_is_a_value_error() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def golden_cases() -> list[Path]:
-    return sorted(GOLDEN_CASES.glob("*/expected.npz")) if GOLDEN_CASES.is_dir() else []
-
-
-@pytest.mark.skipif(not golden_cases(), reason=f"golden fixtures not found under {GOLDEN_CASES}")
-@pytest.mark.parametrize("expected_path", golden_cases(), ids=lambda p: p.parent.name)
-def test_golden_parity(expected_path: Path) -> None:
-    (input_path,) = expected_path.parent.glob("input.*")
-    expected = np.load(expected_path)
+def test_golden_parity(golden_case: GoldenCase) -> None:
+    input_path = golden_case.input_path
+    expected = golden_case.expected()
     decoded = decode_image(input_path.read_bytes())
 
     assert decoded.height == int(expected["image_height"])

@@ -1,4 +1,4 @@
-"""Parity with Apple's reference implementation on the golden cases (../shared/golden).
+"""Parity with Apple's reference implementation on the golden cases (tests/data/golden).
 
 Every case goes through the public loading path (a checkpoint file with the golden
 weights), the product's image decoder, resize, network, unprojection and .ply writer, and

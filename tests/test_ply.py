@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN_CASES
 
 from engine.splats.formats.ply import (
     OPACITY_EPS,
@@ -24,8 +25,6 @@ from engine.splats.formats.ply import (
 )
 from engine.splats.gaussians import Gaussians, covariances_from, postprocess
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-GOLDEN_CASES = sorted(GOLDEN.glob("cases/*/expected.npz"))
 SHARP_ELEMENTS = ("extrinsic", "intrinsic", "image_size", "frame", "disparity", "color_space")
 CAMERA = {"image_width": 451, "image_height": 300, "focal_length_px": 375.57712001255226}
 
@@ -61,11 +60,6 @@ def assert_same_gaussians(ours: Gaussians, expected: Gaussians, median_depth: fl
 # --- golden parity ----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=GOLDEN_CASES, ids=lambda p: p.parent.name)
-def golden(request: pytest.FixtureRequest) -> dict[str, np.ndarray]:
-    return dict(np.load(request.param))
-
-
 def golden_camera(golden: dict[str, np.ndarray]) -> dict[str, float | int]:
     return {
         "image_width": int(golden["image_width"]),
@@ -80,7 +74,6 @@ def golden_output(golden: dict[str, np.ndarray]) -> Gaussians:
     return postprocess(ndc, **golden_camera(golden))
 
 
-@pytest.mark.skipif(not GOLDEN_CASES, reason=f"no golden data under {GOLDEN}")
 def test_golden_vertex_rows(golden: dict[str, np.ndarray]) -> None:
     assert tuple(golden["ply_vertex_names"]) == VERTEX_PROPERTIES
     ours = read_ply(write_ply(golden_output(golden), **golden_camera(golden), layout="sharp"))
@@ -105,7 +98,6 @@ def write_ply_rows(rows: np.ndarray) -> bytes:
     return header.encode() + rows.tobytes()
 
 
-@pytest.mark.skipif(not GOLDEN_CASES, reason=f"no golden data under {GOLDEN}")
 def test_golden_metadata_elements(golden: dict[str, np.ndarray]) -> None:
     data = write_ply(golden_output(golden), **golden_camera(golden), layout="sharp")
     elements = read_ply(data).elements
@@ -118,9 +110,8 @@ def test_golden_metadata_elements(golden: dict[str, np.ndarray]) -> None:
     np.testing.assert_array_equal(elements["frame"], [1, len(golden["mean"])])
 
 
-@pytest.mark.skipif(not GOLDEN_CASES, reason=f"no golden data under {GOLDEN}")
 def test_golden_header_and_size_at_full_count() -> None:
-    golden = dict(np.load(GOLDEN_CASES[0]))
+    golden = GOLDEN_CASES[0].expected()
     n = int(golden["num_gaussians"])
     data = write_ply(random_gaussians(n), **golden_camera(golden), layout="sharp")
     header = golden["ply_header"].tobytes()
