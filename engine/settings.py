@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.network.blocks import resolve_block
+
 DEFAULT_CHECKPOINT_URL = "https://ml-site.cdn-apple.com/models/sharp/sharp_2572gikvuh.pt"
 RUNPOD_VOLUME = Path("/runpod-volume")
 RUNPOD_HF_CACHE = RUNPOD_VOLUME / "huggingface-cache" / "hub"
@@ -315,8 +317,6 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default
 
 
 def _blocks(raw: str) -> tuple[str, ...]:
-    from engine.runtime.precision import resolve_block  # the block list is the network's
-
     try:
         return tuple(resolve_block(b.strip()) for b in raw.split(",") if b.strip())
     except ValueError as error:

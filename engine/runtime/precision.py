@@ -19,41 +19,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from engine.network.blocks import BLOCKS, PREDICTOR, resolve_block
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-_PREDICTOR = "monodepth_model.monodepth_predictor"
-# The network's top-level blocks, in forward order: the units a precision plan puts in half
-# precision or keeps in float32, and the rows of the per-block error report.
-BLOCKS = (
-    f"{_PREDICTOR}.encoder.patch_encoder",
-    f"{_PREDICTOR}.encoder.image_encoder",
-    f"{_PREDICTOR}.encoder.upsample_latent0",
-    f"{_PREDICTOR}.encoder.upsample_latent1",
-    f"{_PREDICTOR}.encoder.upsample0",
-    f"{_PREDICTOR}.encoder.upsample1",
-    f"{_PREDICTOR}.encoder.upsample2",
-    f"{_PREDICTOR}.encoder.upsample_lowres",
-    f"{_PREDICTOR}.encoder.fuse_lowres",
-    f"{_PREDICTOR}.decoder",
-    f"{_PREDICTOR}.head",
-    "feature_model.decoder",
-    "feature_model.image_encoder",
-    "feature_model.fusion",
-    "feature_model.texture_head",
-    "feature_model.geometry_head",
-    "prediction_head",
-)
 # Kept in float32 unless configured otherwise: the disparity head sets every depth, the delta
 # head feeds exp/sigmoid activations; both are a small share of the FLOPs.
-DEFAULT_FP32_BLOCKS = (f"{_PREDICTOR}.head", "prediction_head")
-
-
-def resolve_block(name: str) -> str:
-    """A block's full name from itself or a unique dotted suffix ("patch_encoder")."""
-    matches = [block for block in BLOCKS if block == name or block.endswith("." + name)]
-    if len(matches) != 1:
-        raise ValueError(f"{name!r} names {len(matches)} blocks; blocks are: {', '.join(BLOCKS)}")
-    return matches[0]
+DEFAULT_FP32_BLOCKS = (f"{PREDICTOR}.head", "prediction_head")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Moving request images to the network input, and results back, with a bounded footprint.
+"""Moving request images to the network input with a bounded footprint.
 
 On CUDA an image goes host -> page-locked (pinned) buffer -> device on the predictor's stream,
 is converted to float and resized straight into the preallocated network input. The buffers
@@ -13,13 +13,10 @@ run without pinning, and the image is read in place rather than through the byte
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Final
 
 import numpy as np
 import torch
-
-from engine.splats.gaussians import Gaussians
 
 # 4032 x 3024, the 12.2 MP a phone's main camera writes by default (iPhone, Pixel, Galaxy in
 # their default modes), so the common request stays allocation-free. At that cap the buffers
@@ -155,20 +152,3 @@ class InputStaging:
         # A no-op before the first record, and when the copies have already run.
         if self._host_read is not None:
             self._host_read.synchronize()
-
-
-def to_host(gaussians: Gaussians) -> Gaussians:
-    """Gaussians in page-locked host memory, copied asynchronously on the current stream.
-
-    The caller synchronizes the stream before reading them. The memory comes from PyTorch's
-    caching host allocator: a block freed by an earlier request is reused rather than
-    allocated again, and results may outlive the next request (a reused fixed buffer could not).
-    """
-    if gaussians.means.device.type != "cuda":
-        return gaussians
-    copies = {}
-    for field in dataclasses.fields(gaussians):
-        tensor = getattr(gaussians, field.name)
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        copies[field.name] = host.copy_(tensor, non_blocking=True)
-    return Gaussians(**copies)
