@@ -23,12 +23,15 @@ from engine.network import SharpNetwork
 from engine.runtime.predictor import network_gaussians
 from engine.runtime.validation import (
     GOLDEN_TOLERANCES,
+    Compared,
+    covariances6,
     exceeded,
     json_errors,
+    max_errors,
     reference_output,
     validation_input,
 )
-from engine.splats.gaussians import covariances_from, postprocess
+from engine.splats.gaussians import postprocess
 
 logger = logging.getLogger(__name__)
 
@@ -95,28 +98,22 @@ def compare_with_apple(
     def first(t: torch.Tensor) -> torch.Tensor:
         return t[0].float()
 
-    apple_cov = covariances_from(
-        first(apple_metric.quaternions), first(apple_metric.singular_values)
-    )
-    our_cov = covariances_from(ours.quaternions, ours.scales)
-    apple_cov, our_cov = apple_cov.flatten(1), our_cov.flatten(1)
-    apple_means = first(apple_metric.mean_vectors)
     stride = DISPARITY_STRIDE
-    errors = {
-        "disparity": (
-            output.disparity[0, :, ::stride, ::stride]
-            - captured["disparity"][0, :, ::stride, ::stride]
-        )
-        .abs()
-        .max(),
-        "colors": (ours.colors - first(apple_metric.colors)).abs().max(),
-        "opacities": (ours.opacities - first(apple_metric.opacities)).abs().max(),
-        "means": (ours.means - apple_means).abs().max() / apple_means[:, 2].median(),
-        "covariances": (
-            (our_cov - apple_cov).abs().amax(1) / (apple_cov.abs().amax(1) + 1e-12)
-        ).max(),
-    }
-    errors = {name: float(value) for name, value in errors.items()}
+    theirs = Compared(
+        captured["disparity"][0, :, ::stride, ::stride],
+        first(apple_metric.mean_vectors),
+        covariances6(first(apple_metric.quaternions), first(apple_metric.singular_values)),
+        first(apple_metric.colors),
+        first(apple_metric.opacities),
+    )
+    mine = Compared(
+        output.disparity[0, :, ::stride, ::stride],
+        ours.means,
+        covariances6(ours.quaternions, ours.scales),
+        ours.colors,
+        ours.opacities,
+    )
+    errors = max_errors(theirs, mine)
     over = exceeded(errors, GOLDEN_TOLERANCES)
     result = {
         "passed": not over,

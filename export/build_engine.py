@@ -45,15 +45,19 @@ from engine.runtime.artifacts import (
     graph_digest,
     runtime_versions,
     set_aside,
-    write_atomic,
-    write_json,
 )
-from engine.runtime.backends import export_network, load_artifact, preferred_kind
+from engine.runtime.backends import (
+    BACKENDS,
+    BuildContext,
+    artifact_backend,
+    export_network,
+    preferred_kind,
+)
 from engine.runtime.builds import EXIT_LOCK_HELD
+from engine.runtime.files import write_json
 from engine.runtime.numerics import configure_numerics
 from engine.runtime.precision import PrecisionPlan, mixed_network
 from engine.runtime.predictor import resolve_device
-from engine.runtime.tensorrt import compile_tensorrt, save_tensorrt, timing_cache_path
 from engine.runtime.validation import (
     measure_blocks,
     reference_output,
@@ -65,7 +69,7 @@ from engine.settings import DEFAULT_CHECKPOINT_URL, EngineSettings, Settings, Se
 logger = logging.getLogger("sharp-runpod.build-engine")
 
 ONNX_NAME = "sharp.onnx"
-KINDS = ("auto", "tensorrt", "compiled", "exported")
+KINDS = ("auto", *BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -200,21 +204,12 @@ def _build(
     program = export_network(mixed_network(network, plan), inputs)
     manifest["graph"] = graph_digest(program)
     logger.info("Building the %s artifact %s", kind, target.name)
-    if kind == "exported":
-        write_atomic(target, lambda path: torch.export.save(program, path))
-    elif kind == "compiled":
-        write_atomic(
-            target,
-            lambda path: torch._inductor.aoti_compile_and_package(program, package_path=str(path)),
-        )
-    else:
-        cache = timing_cache_path(target.parent, device, runtime_versions()["tensorrt"])
-        module = compile_tensorrt(
-            program, inputs, timing_cache=cache, workspace_gb=settings.trt_workspace_gb
-        )
-        save_tensorrt(module, target, inputs)
-        del module
-    forward = load_artifact(kind, target, device)  # exactly what the worker will load
+    backend = artifact_backend(kind)
+    context = BuildContext(
+        inputs, device, runtime_versions()["tensorrt"], workspace_gb=settings.trt_workspace_gb
+    )
+    backend.build(program, target, context)
+    forward = backend.load(target, device)  # exactly what the worker will load
     with torch.inference_mode():
         verdict = validate(reference, SharpOutput(*forward(*inputs)), plan.precision)
     manifest["validation"] = verdict.to_json()

@@ -18,7 +18,7 @@ import torch
 
 from engine.io.checkpoint import TINY_UNTRAINED, build_untrained, load_network
 from engine.network import SharpOutput
-from engine.runtime.backends import export_network, load_artifact
+from engine.runtime.backends import artifact_backend, export_network
 from engine.runtime.precision import DEFAULT_FP32_BLOCKS, PrecisionPlan, mixed_network
 from engine.runtime.validation import reference_output, validation_input
 from export.apple_parity import apple_available, compare_with_apple
@@ -75,7 +75,9 @@ def test_build_engine_command_builds_validates_and_writes_a_manifest(tmp_path, i
     assert manifest["validation"]["passed"] and manifest["key"]["kind"] == "exported"
     assert manifest["key"]["versions"]["torch"] == torch.__version__ and manifest["graph"]
     with torch.inference_mode():
-        assert_outputs_close(load_artifact("exported", artifact, CPU)(*inputs), eager, atol=1e-5)
+        assert_outputs_close(
+            artifact_backend("exported").load(artifact, CPU)(*inputs), eager, atol=1e-5
+        )
     again = run([CLI, "build-engine", "--checkpoint", TINY_UNTRAINED, "--backend", "exported",
                  "--device", "cpu", "--output-dir", str(tmp_path)])  # fmt: skip
     assert again.returncode == 0 and again.stdout.startswith("present:")

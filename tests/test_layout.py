@@ -146,7 +146,7 @@ def test_the_graph_checks_can_fail():
     assert "engine.network.sharp" in module_graph()["engine.network"]
 
 
-@pytest.mark.parametrize("package", ["engine", "handler", "export"])
+@pytest.mark.parametrize("package", PACKAGES)
 def test_no_module_is_too_long(package):
     long = {
         str(path.relative_to(REPO)): n

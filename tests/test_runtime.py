@@ -31,9 +31,9 @@ from engine.runtime.artifacts import (
     LockHeld,
     checkpoint_digest,
     set_aside,
-    write_atomic,
 )
-from engine.runtime.backends import export_network
+from engine.runtime.backends import BACKENDS, artifact_backend, export_network
+from engine.runtime.files import write_atomic
 from engine.runtime.graph_code import graph_code_digest, graph_modules
 from engine.runtime.precision import (
     BLOCKS,
@@ -51,6 +51,7 @@ from engine.runtime.validation import (
     validate,
     validation_input,
 )
+from engine.settings import BACKENDS as SETTINGS_BACKENDS
 from engine.settings import EngineSettings
 from engine.splats.formats import encode
 from export.build_engine import BuildOptions, build_engine
@@ -484,3 +485,12 @@ def test_worker_serves_correct_results_while_it_builds_then_switches(tmp_path):
     )
     assert "building" in log and "Switched to exported/fp32" in log
     assert list((tmp_path / "engines").glob("sharp-exported-fp32-*.pt2"))
+
+
+def test_every_backend_is_defined_once_and_named_in_the_settings(info):
+    assert SETTINGS_BACKENDS == ("auto", *BACKENDS, "eager")
+    for name, backend in BACKENDS.items():
+        key = dataclasses.replace(key_for(info), kind=name)
+        assert key.filename.endswith(backend.suffix) and f"-{name}-" in key.filename
+    with pytest.raises(ValueError, match="artifact kind must be one of tensorrt, compiled"):
+        artifact_backend("torch.compile")

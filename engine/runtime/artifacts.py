@@ -24,7 +24,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,14 @@ from typing import Any
 import torch
 
 from engine.io.checkpoint import CheckpointInfo, file_digest
+from engine.runtime.backends import artifact_backend
+from engine.runtime.files import read_json
 from engine.runtime.graph_code import graph_code_digest
 from engine.runtime.precision import PrecisionPlan
 
 logger = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = 2  # bump when a saved artifact's calling convention changes
-KINDS = ("tensorrt", "compiled", "exported")
-_SUFFIX = {"tensorrt": ".ep", "compiled": ".pt2", "exported": ".pt2"}
 HEARTBEAT_S = 10.0
 STALE_LOCK_S = 60.0  # a lock not touched for this long belongs to a dead build
 
@@ -82,7 +82,7 @@ def gpu_identity(device: torch.device) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class ArtifactKey:
-    kind: str  # one of KINDS
+    kind: str  # a name in backends.BACKENDS
     gpu: str
     capability: str
     versions: tuple[tuple[str, str], ...]
@@ -96,8 +96,7 @@ class ArtifactKey:
     def create(
         cls, kind: str, device: torch.device, checkpoint: str, plan: PrecisionPlan, resolution: int
     ) -> ArtifactKey:
-        if kind not in KINDS:
-            raise ValueError(f"artifact kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        artifact_backend(kind)  # raises for an unknown kind
         gpu, capability = gpu_identity(device)
         versions = tuple(sorted(runtime_versions().items()))
         return cls(
@@ -124,7 +123,7 @@ class ArtifactKey:
 
     @staticmethod
     def filename_for(kind: str, precision: str, digest: str) -> str:
-        return f"sharp-{kind}-{precision}-{digest}{_SUFFIX[kind]}"
+        return f"sharp-{kind}-{precision}-{digest}{artifact_backend(kind).suffix}"
 
     @property
     def manifest_name(self) -> str:
@@ -136,29 +135,6 @@ class ArtifactKey:
 
 def find_artifact(name: str, directories: Sequence[Path]) -> Path | None:
     return next((d / name for d in directories if (d / name).is_file()), None)
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(temporary_path)`, then rename onto `path`: readers see the old file or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    write_atomic(path, lambda target: target.write_text(text))
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads(path.read_text())
-    return None
 
 
 def set_aside(path: Path, reason: str) -> Path | None:

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from engine.io.checkpoint import load_network
 from engine.io.images import DecodedImage
 from engine.network import SharpOutput
-from engine.runtime import staging
+from engine.runtime.backends import NetworkFn
 from engine.runtime.serving import NetworkRuntime
+from engine.runtime.staging import InputStaging
 from engine.settings import EngineSettings
 from engine.splats.gaussians import Gaussians, postprocess
 
@@ -64,7 +65,7 @@ class SharpPredictor:
         self.device = runtime.device
         self.checkpoint = runtime.checkpoint
         self.resolution = self.network.config.internal_resolution
-        self._staging = staging.InputStaging(self.resolution, self.device)
+        self._staging = InputStaging(self.resolution, self.device)
         self._stream = None
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # weights and buffers are in place
@@ -114,17 +115,9 @@ class SharpPredictor:
         with self._lock, self._on_stream():
             active = self.runtime.active  # read once: a switch applies from the next request
             with self._timed(timings, "inference"):
-                pixels, disparity_factor = self._staging.stage(
-                    image.rgb, image.focal_length_px / image.width
-                )
-                output = active.forward(pixels, disparity_factor)
+                output = run_network(active.forward, self._staging, image)
             with self._timed(timings, "postprocess"):
-                gaussians = postprocess(
-                    network_gaussians(output),
-                    focal_length_px=image.focal_length_px,
-                    image_width=image.width,
-                    image_height=image.height,
-                )
+                gaussians = metric_gaussians(output, image)
                 if caller is not None:
                     # The caller's stream reads these next: the allocator must not hand their
                     # memory to this stream's next request before that stream is done.
@@ -176,4 +169,20 @@ def network_gaussians(output: SharpOutput, index: int = 0) -> Gaussians:
         quaternions=output.quaternions[index].float(),
         colors=output.colors[index].float(),
         opacities=output.opacities[index].float(),
+    )
+
+
+def run_network(forward: NetworkFn, staging: InputStaging, image: DecodedImage) -> SharpOutput:
+    """The network's output for one decoded image: staged to the network input, then run."""
+    pixels, disparity_factor = staging.stage(image.rgb, image.focal_length_px / image.width)
+    return SharpOutput(*forward(pixels, disparity_factor))
+
+
+def metric_gaussians(output: SharpOutput, image: DecodedImage) -> Gaussians:
+    """The network's output for `image` as metric Gaussians in its camera space."""
+    return postprocess(
+        network_gaussians(output),
+        focal_length_px=image.focal_length_px,
+        image_width=image.width,
+        image_height=image.height,
     )

@@ -33,7 +33,7 @@ from engine.runtime.artifacts import (
     find_artifact,
     set_aside,
 )
-from engine.runtime.backends import NetworkFn, eager_forward, load_artifact, preferred_kind
+from engine.runtime.backends import NetworkFn, artifact_backend, eager_forward, preferred_kind
 from engine.runtime.builds import EXIT_LOCK_HELD, BuildJob, BuildRequest, launch_build
 from engine.runtime.precision import PrecisionPlan
 from engine.runtime.validation import Validation, reference_output, validate, validation_input
@@ -228,7 +228,7 @@ class NetworkRuntime:
             return
         start = time.perf_counter()
         try:
-            forward = load_artifact(kind, path, self.device)
+            forward = artifact_backend(kind).load(path, self.device)
         except Exception as error:
             reason = f"failed to load {path.name}: {_describe(error)}"
             set_aside(path, reason)  # a read-only prebuilt file stays; the rebuild shadows it

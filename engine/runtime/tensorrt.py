@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from engine.network import SharpOutput
-from engine.runtime.artifacts import write_atomic
+from engine.runtime.files import write_atomic
 
 NetworkInputs = tuple[torch.Tensor, torch.Tensor]
 

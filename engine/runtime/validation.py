@@ -69,24 +69,60 @@ def reference_output(network: nn.Module, inputs: tuple[torch.Tensor, torch.Tenso
         return SharpOutput(*(t.float() for t in network(*inputs)))
 
 
-def output_errors(reference: SharpOutput, candidate: SharpOutput) -> dict[str, float]:
-    """Largest errors of the first image, in the units of `Tolerances`; inf where non-finite."""
+@dataclass(frozen=True)
+class Compared:
+    """What a comparison looks at, for one image: disparity and the Gaussians' attributes, the
+    covariances as (N, 6) upper triangles (xx, xy, xz, yy, yz, zz)."""
+
+    disparity: torch.Tensor
+    means: torch.Tensor
+    covariances6: torch.Tensor
+    colors: torch.Tensor
+    opacities: torch.Tensor
+
+
+def covariances6(quaternions: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(N, 6) upper triangles of the covariances of (N, 4) quaternions and (N, 3) scales."""
+    return covariances_from(quaternions, scales)[:, [0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]]
+
+
+def max_errors(reference: Compared, candidate: Compared) -> dict[str, float]:
+    """Largest errors in the units of `Tolerances`; inf where non-finite. The one error measure
+    of runtime validation, the Apple parity check and the golden check."""
     with torch.inference_mode():
-        ref, cand = (SharpOutput(*(t[0].float() for t in out)) for out in (reference, candidate))
-        for name, a, b in zip(SharpOutput._fields, ref, cand):
-            if a.shape != b.shape:
-                raise ValueError(f"{name}: shape {tuple(b.shape)}, expected {tuple(a.shape)}")
-        ref_cov = covariances_from(ref.quaternions, ref.scales).flatten(1)
-        cand_cov = covariances_from(cand.quaternions, cand.scales).flatten(1)
-        cov_error = (cand_cov - ref_cov).abs().amax(1) / (ref_cov.abs().amax(1) + 1e-12)
+        ref, cand = (
+            Compared(*(t.to(torch.float64) for t in vars(c).values()))
+            for c in (reference, candidate)
+        )
+        cov_bound = ref.covariances6.abs().amax(1) + 1e-12
         errors = {
             "disparity": (cand.disparity - ref.disparity).abs().max(),
             "colors": (cand.colors - ref.colors).abs().max(),
             "opacities": (cand.opacities - ref.opacities).abs().max(),
             "means": (cand.means - ref.means).abs().max() / ref.means[:, 2].median(),
-            "covariances": cov_error.max(),
+            "covariances": ((cand.covariances6 - ref.covariances6).abs().amax(1) / cov_bound).max(),
         }
         return {name: _finite(float(value)) for name, value in errors.items()}
+
+
+def compared_output(output: SharpOutput) -> Compared:
+    """The first image of a network output, as compared."""
+    first = SharpOutput(*(t[0].float() for t in output))
+    return Compared(
+        first.disparity,
+        first.means,
+        covariances6(first.quaternions, first.scales),
+        first.colors,
+        first.opacities,
+    )
+
+
+def output_errors(reference: SharpOutput, candidate: SharpOutput) -> dict[str, float]:
+    """Largest errors of the first image, in the units of `Tolerances`; inf where non-finite."""
+    for name, a, b in zip(SharpOutput._fields, reference, candidate):
+        if a[0].shape != b[0].shape:
+            raise ValueError(f"{name}: shape {tuple(b[0].shape)}, expected {tuple(a[0].shape)}")
+    return max_errors(compared_output(reference), compared_output(candidate))
 
 
 def _finite(value: float) -> float:
