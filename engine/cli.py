@@ -20,9 +20,8 @@ from engine.results import PLY_LAYOUTS, OutputOptions, encode_prediction
 from engine.runtime.numerics import configure_numerics
 from engine.runtime.predictor import SharpPredictor
 from engine.settings import DEFAULT_CHECKPOINT_URL, DEVICES, Settings, SettingsError
-from engine.splats.formats import FORMATS, encode
+from engine.splats.formats import FORMATS, decode, encode
 from engine.splats.formats.spz import DEFAULT_VERSION, VERSIONS
-from engine.splats.gaussians import Gaussians
 
 logger = logging.getLogger("sharp-runpod")
 
@@ -201,7 +200,7 @@ def run_convert(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     try:
-        gaussians = _read_splats(source_format, source.read_bytes())
+        gaussians = decode(source_format, source.read_bytes())
         if len(gaussians) == 0:
             raise ValueError("the file holds no Gaussians")
         # Image size and focal length are metadata of the sharp .ply layout only; convert
@@ -224,28 +223,6 @@ def run_convert(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - start:.2f} s)"
     )
     return 0
-
-
-def _read_splats(format: str, data: bytes) -> Gaussians:
-    """Gaussians from a file's bytes in one of FORMATS."""
-    if format == "ply":
-        from engine.splats.formats.ply import read_ply
-
-        contents = read_ply(data)
-        if any(name.startswith("f_rest_") for name in contents.vertices.dtype.names):
-            logger.warning("dropping the .ply's higher-order spherical harmonics (f_rest_*)")
-        return contents.gaussians
-    if format == "spz":
-        from engine.splats.formats.spz import read_spz
-
-        return read_spz(data)
-    if format == "splat":
-        from engine.splats.formats.splat import read_splat
-
-        return read_splat(data)
-    from engine.splats.formats.sog import read_sog
-
-    return read_sog(data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

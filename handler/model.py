@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.io.checkpoint import HF_DEFAULT_FILENAME
+from engine.io.checkpoint import CheckpointError, HubFile
 from engine.io.images import decode_image
 from engine.runtime.predictor import SharpPredictor
 from engine.settings import Settings
@@ -106,11 +106,12 @@ def find_in_hf_cache(spec: str, hub_dir: Path) -> Path | None:
 
     The snapshot that refs/main names comes first, then the most recently written one.
     """
-    parts = spec.removeprefix("hf://").strip("/").split("/")
-    if len(parts) < 2:
+    try:
+        hub_file = HubFile.parse(spec)
+    except CheckpointError:
         return None  # malformed; the engine explains the expected form
-    filename = "/".join(parts[2:]) or HF_DEFAULT_FILENAME
-    repo_dir = hub_dir / f"models--{parts[0]}--{parts[1]}"
+    filename = hub_file.filename
+    repo_dir = hub_dir / f"models--{hub_file.owner}--{hub_file.repo}"
     snapshots = repo_dir / "snapshots"
     main_ref = repo_dir / "refs" / "main"
     if main_ref.is_file():

@@ -14,7 +14,7 @@ from typing import Any
 from engine.results import EmptyResultError, OutputOptions, encode_prediction
 from engine.runtime.predictor import Prediction
 from engine.settings import BUCKET_ENV
-from engine.splats.formats import FORMATS, EncodedSplat
+from engine.splats.formats import EncodedSplat, smallest_first
 
 from .storage import ResultBucket
 
@@ -76,9 +76,7 @@ def _too_large_message(output: EncodedSplat, max_inline_bytes: int, has_bucket: 
     """The fixes, most useful first: a compact format (a full SHARP result is ~8 MB as .sog,
     which fits inline), a bucket, then fewer Gaussians."""
     size = len(output.data)
-    # Smaller formats for the same Gaussians, smallest first; bytes a Gaussian: sog ~7,
-    # spz ~8.5, splat 32, ply 56.
-    by_size = [name for name in ("sog", "spz", "splat", "ply") if name in FORMATS]
+    by_size = smallest_first()  # the same Gaussians in other formats, smallest first
     smaller = by_size[: by_size.index(output.format)] if output.format in by_size else by_size
     remedies = [f'request output_format: "{name}"' for name in smaller[:1]]
     if smaller[1:]:

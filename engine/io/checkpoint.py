@@ -53,7 +53,7 @@ def resolve_checkpoint(spec: str | os.PathLike | None, cache_dir: Path | None = 
     (default: `engine.settings.default_cache_dir()`)."""
     spec = str(spec) if spec is not None else DEFAULT_CHECKPOINT_URL
     if spec.startswith("hf://"):
-        spec = _hugging_face_url(spec)
+        spec = HubFile.parse(spec).url
     if spec.startswith(("http://", "https://")):
         name = Path(urllib.parse.urlparse(spec).path).name or "checkpoint.pt"
         target = (cache_dir or default_cache_dir()) / name
@@ -69,12 +69,24 @@ def resolve_checkpoint(spec: str | os.PathLike | None, cache_dir: Path | None = 
     return path
 
 
-def _hugging_face_url(spec: str) -> str:
-    parts = spec.removeprefix("hf://").strip("/").split("/")
-    if len(parts) < 2:
-        raise CheckpointError(f"'{spec}' is not of the form hf://owner/repo[/file]")
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or HF_DEFAULT_FILENAME
-    return f"https://huggingface.co/{repo}/resolve/main/{filename}"
+@dataclass(frozen=True)
+class HubFile:
+    """A file of a Hugging Face model repository, from `hf://owner/repo[/file]`."""
+
+    owner: str
+    repo: str
+    filename: str = HF_DEFAULT_FILENAME
+
+    @classmethod
+    def parse(cls, spec: str) -> HubFile:
+        parts = spec.removeprefix("hf://").strip("/").split("/")
+        if not spec.startswith("hf://") or len(parts) < 2 or not all(parts[:2]):
+            raise CheckpointError(f"'{spec}' is not of the form hf://owner/repo[/file]")
+        return cls(parts[0], parts[1], "/".join(parts[2:]) or HF_DEFAULT_FILENAME)
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.owner}/{self.repo}/resolve/main/{self.filename}"
 
 
 def download(url: str, target: Path) -> None:

@@ -17,15 +17,89 @@ stored uncompressed; the viewers unpack it themselves.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.splats.formats.sog import write_sog
-from engine.splats.formats.splat import write_splat
-from engine.splats.formats.spz import DEFAULT_VERSION, write_spz
+from engine.splats.formats.ply import read_ply, write_ply
+from engine.splats.formats.sog import read_sog, write_sog
+from engine.splats.formats.splat import read_splat, write_splat
+from engine.splats.formats.spz import DEFAULT_VERSION, read_spz, write_spz
 from engine.splats.gaussians import Gaussians
 
-FORMATS: tuple[str, ...] = ("ply", "spz", "splat", "sog")
+logger = logging.getLogger(__name__)
+
 MEDIA_TYPE = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What a writer may store beside the Gaussians (only the .ply stores the camera)."""
+
+    image_width: int
+    image_height: int
+    focal_length_px: float
+    ply_layout: str = "standard"
+    spz_version: int = DEFAULT_VERSION
+
+
+@dataclass(frozen=True)
+class SplatFormat:
+    name: str
+    write: Callable[[Gaussians, Metadata], bytes]
+    read: Callable[[bytes], Gaussians]
+    # A full SHARP result's size over its Gaussian count (README's format table): what the
+    # worker's advice on a result too large to return ranks formats by.
+    bytes_per_gaussian: float
+    media_type: str = MEDIA_TYPE
+
+    @property
+    def extension(self) -> str:
+        return f".{self.name}"
+
+
+def _write_ply(gaussians: Gaussians, meta: Metadata) -> bytes:
+    return write_ply(
+        gaussians,
+        image_width=meta.image_width,
+        image_height=meta.image_height,
+        focal_length_px=meta.focal_length_px,
+        layout=meta.ply_layout,
+    )
+
+
+def _read_ply(data: bytes) -> Gaussians:
+    contents = read_ply(data)
+    if any(name.startswith("f_rest_") for name in contents.vertices.dtype.names):
+        logger.warning("dropping the .ply's higher-order spherical harmonics (f_rest_*)")
+    return contents.gaussians
+
+
+REGISTRY: dict[str, SplatFormat] = {
+    f.name: f
+    for f in (
+        SplatFormat("ply", _write_ply, _read_ply, 56.0),
+        SplatFormat("spz", lambda g, m: write_spz(g, version=m.spz_version), read_spz, 9.6),
+        SplatFormat("splat", lambda g, m: write_splat(g), read_splat, 32.0),
+        # SHARP's grid layout when all 2 x 768 x 768 Gaussians are there.
+        SplatFormat("sog", lambda g, m: write_sog(g), read_sog, 7.2),
+    )
+}
+FORMATS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def splat_format(name: str) -> SplatFormat:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown splat format {name!r}; choose one of {', '.join(FORMATS)}"
+        ) from None
+
+
+def smallest_first() -> list[str]:
+    """Format names by typical size, the most compact first."""
+    return sorted(FORMATS, key=lambda name: REGISTRY[name].bytes_per_gaussian)
 
 
 @dataclass(frozen=True)
@@ -51,25 +125,12 @@ def encode(
     The image size and focal length are metadata only the .ply stores; each format's
     module docstring says how it maps axes and colours. Any tensor layout gives the same bytes.
     """
-    gaussians = gaussians.contiguous()  # the pipeline's tensors are strided views
-    if format == "ply":
-        from engine.splats.formats.ply import (
-            write_ply,  # engine.splats.formats.ply owns the .ply layouts
-        )
+    target = splat_format(format)
+    meta = Metadata(image_width, image_height, focal_length_px, ply_layout, spz_version)
+    data = target.write(gaussians.contiguous(), meta)  # the pipeline's tensors are strided views
+    return EncodedSplat(data, format, target.media_type, target.extension)
 
-        data = write_ply(
-            gaussians,
-            image_width=image_width,
-            image_height=image_height,
-            focal_length_px=focal_length_px,
-            layout=ply_layout,
-        )
-    elif format == "spz":
-        data = write_spz(gaussians, version=spz_version)
-    elif format == "splat":
-        data = write_splat(gaussians)
-    elif format == "sog":
-        data = write_sog(gaussians)  # SHARP's grid layout when all 2 x 768 x 768 are there
-    else:
-        raise ValueError(f"unknown splat format {format!r}; choose one of {', '.join(FORMATS)}")
-    return EncodedSplat(data=data, format=format, media_type=MEDIA_TYPE, extension=f".{format}")
+
+def decode(format: str, data: bytes) -> Gaussians:
+    """Gaussians from a file's bytes in one of FORMATS."""
+    return splat_format(format).read(data)

@@ -33,6 +33,11 @@ def srgb_colors(gaussians: Gaussians) -> np.ndarray:
     return to_numpy(linear_to_srgb(gaussians.colors))
 
 
+def sh0_from_linear(colors: torch.Tensor) -> torch.Tensor:
+    """Degree-0 spherical-harmonics coefficients of linear colours, on their device."""
+    return (linear_to_srgb(colors) - 0.5) / SH_C0
+
+
 def dc_coefficients(srgb: np.ndarray) -> np.ndarray:
     """Degree-0 spherical-harmonics coefficients of sRGB colours."""
     return (srgb - np.float32(0.5)) / np.float32(SH_C0)

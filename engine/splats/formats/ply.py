@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.network.color import linear_to_srgb, srgb_to_linear
+from engine.network.color import srgb_to_linear
+from engine.splats.formats.common import SH_C0, sh0_from_linear
 from engine.splats.gaussians import Gaussians
 
 Layout = Literal["standard", "sharp"]
@@ -38,8 +39,6 @@ VERTEX_PROPERTIES = (
     "rot_0", "rot_1", "rot_2", "rot_3",
 )  # fmt: skip
 
-# Degree-0 real spherical harmonic, 1 / (2 sqrt(pi)): color = 0.5 + SH_C0 * f_dc.
-SH_C0 = 0.28209479177387814
 
 # Opacities are clamped into [OPACITY_EPS, 1 - OPACITY_EPS] before the logit so that 0 and 1 stay
 # finite (logit ±13.8); decoding then misses them by about 1e-6, well inside the 1e-4 tolerance.
@@ -109,7 +108,7 @@ def vertex_rows(gaussians: Gaussians) -> torch.Tensor:
     g = gaussians.contiguous()
     # SHARP predicts linear RGB but viewers blend stored colors as they are and show the
     # result without gamma, so store sRGB, as the reference does.
-    f_dc = (linear_to_srgb(g.colors.float()) - 0.5) / SH_C0
+    f_dc = sh0_from_linear(g.colors.float())
     opacity_logits = torch.logit(g.opacities.float(), eps=OPACITY_EPS)
     log_scales = g.scales.float().clamp_min(torch.finfo(torch.float32).tiny).log()
     # Unit quaternions, like the reference's: viewers normalize anyway, other readers may not.
