@@ -229,28 +229,20 @@ def legacy_header(version: int, num_points: int) -> bytes:
     )
 
 
-def test_spz_v3_payload_matches_the_specification_byte_for_byte() -> None:
-    data = write_spz(golden_gaussians(), version=3)
+@pytest.mark.parametrize(
+    ("version", "rotations"), [(3, GOLDEN_ROTATIONS_V3), (2, GOLDEN_ROTATIONS_V2)]
+)
+def test_spz_v2_v3_payload_matches_the_specification_byte_for_byte(
+    version: int, rotations: bytes
+) -> None:
+    data = write_spz(golden_gaussians(), version=version)
     expected = (
-        legacy_header(3, 4)
+        legacy_header(version, 4)
         + GOLDEN_POSITIONS
         + GOLDEN_ALPHAS
         + GOLDEN_COLORS
         + GOLDEN_SCALES
-        + GOLDEN_ROTATIONS_V3
-    )
-    assert gzip.decompress(data) == expected
-
-
-def test_spz_v2_payload_matches_the_specification_byte_for_byte() -> None:
-    data = write_spz(golden_gaussians(), version=2)
-    expected = (
-        legacy_header(2, 4)
-        + GOLDEN_POSITIONS
-        + GOLDEN_ALPHAS
-        + GOLDEN_COLORS
-        + GOLDEN_SCALES
-        + GOLDEN_ROTATIONS_V2
+        + rotations
     )
     assert gzip.decompress(data) == expected
 
