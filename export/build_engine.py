@@ -54,10 +54,10 @@ from engine.runtime.backends import (
     preferred_kind,
 )
 from engine.runtime.builds import EXIT_LOCK_HELD
+from engine.runtime.device import resolve_device
 from engine.runtime.files import write_json
 from engine.runtime.numerics import configure_numerics
 from engine.runtime.precision import PrecisionPlan, mixed_network
-from engine.runtime.predictor import resolve_device
 from engine.runtime.validation import (
     measure_blocks,
     reference_output,

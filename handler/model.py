@@ -14,6 +14,7 @@ from PIL import Image
 
 from engine.io.checkpoint import CheckpointError, HubFile
 from engine.io.images import decode_image
+from engine.runtime.device import DeviceError, resolve_device
 from engine.runtime.predictor import SharpPredictor
 from engine.settings import Settings
 
@@ -30,37 +31,15 @@ _DEVICE_FAULT_MARKERS = (
 )
 
 
-class DeviceError(RuntimeError):
-    """The GPU the worker should use does not work."""
-
-
 def select_device(requested: str) -> torch.device:
-    """The device to run on, after a pre-flight check of the GPU when one is to be used.
-
-    `auto` uses the GPU when one is present; a present GPU that fails the check is an error,
-    not a silent fall back to a CPU that would take minutes per image.
-    """
-    if requested == "cpu" or (requested == "auto" and not _gpu_present()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DeviceError(
-            f"CUDA is not usable (SHARP_DEVICE={requested}): torch {torch.__version__} built for "
-            f"CUDA {torch.version.cuda} sees no working GPU. Check that the container runs with "
-            "a GPU (docker run --gpus all) and that the host driver supports this CUDA version "
-            "(RunPod: allowedCudaVersions), or set SHARP_DEVICE=cpu."
-        )
-    device = torch.device("cuda")
-    if not gpu_healthy(device):
+    """The device to run on (engine.runtime.device), after a pre-flight check of the GPU."""
+    device = resolve_device(requested, setting="SHARP_DEVICE")
+    if device.type == "cuda" and not gpu_healthy(device):
         raise DeviceError(
             f"the GPU {torch.cuda.get_device_name(device)} failed a pre-flight computation; "
             "this worker cannot run jobs on it"
         )
     return device
-
-
-def _gpu_present() -> bool:
-    # A GPU passed into the container shows as /dev/nvidia0..N even when CUDA then fails.
-    return torch.cuda.is_available() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def gpu_healthy(device: torch.device) -> bool:

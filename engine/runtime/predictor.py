@@ -21,6 +21,7 @@ from engine.io.checkpoint import load_network
 from engine.io.images import DecodedImage
 from engine.network import SharpOutput
 from engine.runtime.backends import NetworkFn
+from engine.runtime.device import resolve_device
 from engine.runtime.serving import NetworkRuntime
 from engine.runtime.staging import InputStaging
 from engine.settings import EngineSettings
@@ -39,16 +40,6 @@ class Prediction:
     timings_ms: dict[str, float] = field(default_factory=dict)
     backend: str = ""  # the backend that ran this request (it may change while a worker runs)
     precision: str = ""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` picks CUDA when it works, else the CPU; an explicit `cuda` must work."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but CUDA is not available on this host")
-    return device
 
 
 class SharpPredictor:
@@ -76,7 +67,7 @@ class SharpPredictor:
     def from_settings(cls, settings: EngineSettings) -> SharpPredictor:
         """Load the checkpoint onto the device and start the runtime (eager first, then the
         cached or newly built engine of `settings.backend`)."""
-        device = resolve_device(settings.device)
+        device = resolve_device(settings.device, setting="SHARP_DEVICE")
         network, info = load_network(settings.checkpoint, cache_dir=settings.cache_dir)
         runtime = NetworkRuntime(network.to(device), device, info, settings)
         runtime.start()
