@@ -29,13 +29,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from handler_support import REPO, SAMPLE
+from handler_support import REPO, SAMPLE, worker_server
 from PIL import Image, TiffImagePlugin
 
 from engine.io.images import FocalLengthError, decode_image, focal_length_range_px
 from engine.results import NonFiniteError, OutputOptions, encode_prediction
 from engine.runtime.predictor import Prediction
 from engine.settings import EngineSettings, SettingsError
+from engine.splats.formats.ply import read_ply
 from engine.splats.formats.sog import read_sog, write_sog
 from engine.splats.formats.spz import read_spz, write_spz
 from engine.splats.gaussians import Gaussians
@@ -521,3 +522,82 @@ def test_a_damaged_checkpoint_is_one_line(tmp_path):
     line = one_line_error(result)
     assert "truncated, damaged or not a PyTorch state dict" in line
     assert "weights_only" not in line
+
+
+# --- 6. the same classes through the worker's local API (/runsync) ---------------------------
+
+API_TIMEOUT_S = 2.0
+EXACT_PNG = png_with_exif({FOCAL_LENGTH: TiffImagePlugin.IFDRational(1, 4_000_000_000)})
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    env = {
+        "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "true",
+        "SHARP_URL_TIMEOUT_S": str(API_TIMEOUT_S),
+        "SHARP_MAX_IMAGE_BYTES": str(len(EXACT_PNG)),
+    }
+    with worker_server(env, tmp_path_factory.mktemp("logs") / "hostile.log") as server:
+        yield server
+    log = server.log.read_text(errors="replace")
+    assert "Traceback" not in log and "internal error" not in log, server.log_tail()
+
+
+def api_error(api, job_input: object) -> str:
+    answer = api.runsync(job_input, timeout=120)
+    assert answer["status"] == "FAILED", answer
+    assert api.alive(), api.log_tail()
+    return answer["error"]
+
+
+def test_api_exact_size_image_with_absurd_exif_is_a_finite_splat(api):
+    job_input = {"image": base64.b64encode(EXACT_PNG).decode(), "max_gaussians": 500}
+    answer = api.runsync(job_input)
+    assert answer["status"] == "COMPLETED", answer
+    output = answer["output"]
+    assert output["focal_length_source"] == (
+        "default (EXIF FocalLength of 2.5e-10 mm ignored as out of range)"
+    )
+    gaussians = read_ply(base64.b64decode(output["ply"])).gaussians
+    assert len(gaussians) == 500
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in gaussians.tensors())
+
+
+IMAGE_B64 = base64.b64encode(PLAIN_PNG).decode()
+API_REFUSALS = {
+    "focal 1e-30": ({"focal_length_px": 1e-30}, "focal_length_px=1e-30 is out of range"),
+    "focal 1e308": ({"focal_length_px": 1e308}, "focal_length_px=1e+308 is out of range"),
+    "focal 10**400": ({"focal_length_px": 10**400}, "focal_length_px is too large"),
+    "non-ASCII base64": ({"image": "aGVsbG8é"}, "image is not valid base64"),
+    "one byte over": (
+        {"image": base64.b64encode(EXACT_PNG + b"\0").decode()},
+        f"the image is larger than {len(EXACT_PNG):,} bytes",
+    ),
+    "long label": (
+        {"image": None, "image_url": f"http://{'a' * 64}.example.com/a.jpg"},
+        "a label of 64 characters",
+    ),
+    "unknown fields": (
+        {f"field{i}": i for i in range(50_000)},
+        "50,000 fields are not valid inputs: field0, field1, field2, field3, field4 and 49,995",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", API_REFUSALS)
+def test_api_refuses_clearly(api, name):
+    fields, message = API_REFUSALS[name]
+    job_input = {k: v for k, v in {"image": IMAGE_B64, **fields}.items() if v is not None}
+    error = api_error(api, job_input)
+    assert message in error
+    assert len(error) < 1000
+
+
+@pytest.mark.parametrize("script", [_headers_dripping, _endless_continue, _chunk_size_byte_by_byte])
+def test_api_cuts_off_a_slow_image_url(api, script):
+    with raw_server(script()) as port:
+        start = time.monotonic()
+        error = api_error(api, {"image_url": f"http://127.0.0.1:{port}/a.jpg"})
+        elapsed = time.monotonic() - start
+    assert "longer than 2 s, the limit on the whole download (SHARP_URL_TIMEOUT_S)" in error
+    assert elapsed < API_TIMEOUT_S + 5  # the deadline, plus a busy machine's HTTP round trip
