@@ -362,6 +362,25 @@ def test_output_options_own_their_defaults_and_checks():
         OutputOptions(min_opacity=math.nan)
 
 
+@pytest.mark.parametrize(
+    ("flags", "code", "message"),
+    [
+        (["--focal-px", "1e-30"], 1, "--focal-px=1e-30 is out of range for this 400x600 image"),
+        (["--focal-px", "inf"], 2, "--focal-px must be a positive number of pixels"),
+        (["--min-opacity", "2"], 2, "--min-opacity must be a number from 0 to 1, got 2.0"),
+        (["--max-gaussians", "0"], 2, "--max-gaussians must be an integer >= 1, got 0"),
+    ],
+)
+def test_the_cli_names_its_own_flags(flags, code, message, tmp_path):
+    result = run_cli(
+        "predict", SAMPLE, "-o", tmp_path, "--checkpoint", "tiny-untrained", "--device", "cpu",
+        *flags,
+    )  # fmt: skip
+    assert result.returncode == code
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
 # --- 4. hostile splat files -------------------------------------------------------------------
 
 

@@ -115,7 +115,9 @@ class DecodedImage:
 
     rgb: np.ndarray  # (H, W, 3) uint8, C-contiguous, EXIF orientation applied
     focal_length_px: float
-    focal_length_source: str  # "override" | "exif_35mm" | "exif_focal_length" | "default"
+    # "override" | "exif_35mm" | "exif_focal_length" | "default", followed by a note in
+    # parentheses when out-of-range EXIF values were skipped
+    focal_length_source: str
     format: str  # Pillow's format name: "JPEG", "PNG", "WEBP", "HEIF", "AVIF", ...
 
     @property
@@ -180,8 +182,6 @@ def decode_image(
     with _open(data, max_pixels) as image:
         image_format = _FORMAT_ALIASES.get(image.format, image.format)
         _check_size(image.size, max_pixels)
-        if override is not None:  # the diagonal, and so the range, ignores orientation
-            _check_focal_range(override, focal_length_field, *image.size)
         _load(image, image_format)
         # Read EXIF only now: Pillow's TIFF loader applies the orientation itself while
         # loading and drops the tag, which must not be applied a second time.
@@ -194,6 +194,7 @@ def decode_image(
 
     height, width = rgb.shape[:2]
     if override is not None:
+        _check_focal_range(override, focal_length_field, width, height)
         focal_px, source = override, "override"
     else:
         focal_px, source = _focal_length_from_exif(tags, width, height)
