@@ -238,7 +238,7 @@ def _resolve_checked(
     except concurrent.futures.TimeoutError:
         raise clock.error() from None
     except (OSError, UnicodeError) as error:  # UnicodeError: a label the IDNA codec refuses
-        reason = error.strerror or str(error)
+        reason = getattr(error, "strerror", None) or str(error)
         raise FetchError(
             f"cannot resolve the host name {target.host!r} in image_url: {reason}"
         ) from None

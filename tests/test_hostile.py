@@ -215,6 +215,8 @@ def test_a_quick_server_after_the_slow_ones_is_still_fetched():
         (f"http://{'a' * 64}.example.com/a.jpg", "a label of 64 characters"),
         (f"http://{'a.' * 130}com/a.jpg", "DNS allows at most 253"),
         ("http://a..b/a.jpg", "a label of 0 characters"),
+        ("http://\ud800.test/a.jpg", "cannot resolve the host name"),
+        ("http://[1:2:3]/a.jpg", "image_url is not a valid URL"),
     ],
 )
 def test_impossible_host_names_are_the_clients_error(url, message):
