@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -16,7 +17,13 @@ from tqdm import tqdm
 
 from engine.io.checkpoint import TINY_UNTRAINED, CheckpointError
 from engine.io.images import decode_image
-from engine.results import PLY_LAYOUTS, OutputOptions, encode_prediction
+from engine.results import (
+    PLY_LAYOUTS,
+    OptionError,
+    OutputOptions,
+    check_finite,
+    encode_prediction,
+)
 from engine.runtime.numerics import configure_numerics
 from engine.runtime.predictor import SharpPredictor
 from engine.settings import DEFAULT_CHECKPOINT_URL, DEVICES, Settings, SettingsError
@@ -24,6 +31,14 @@ from engine.splats.formats import FORMATS, decode, encode
 from engine.splats.formats.spz import DEFAULT_VERSION, VERSIONS
 
 logger = logging.getLogger("sharp-runpod")
+# The command line's name for each OutputOptions field.
+OPTION_FLAGS = {
+    "format": "--format",
+    "ply_layout": "--ply-layout",
+    "spz_version": "--spz-version",
+    "max_gaussians": "--max-gaussians",
+    "min_opacity": "--min-opacity",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,14 +128,19 @@ def run_predict(args: argparse.Namespace) -> int:
     if not images:
         logger.error("no input files found in %s", ", ".join(map(str, args.inputs)))
         return 2
-    if args.focal_px is not None and not (args.focal_px > 0):
+    if args.focal_px is not None and not (math.isfinite(args.focal_px) and args.focal_px > 0):
         logger.error("--focal-px must be a positive number of pixels")
         return 2
-    if args.min_opacity is not None and not 0 <= args.min_opacity <= 1:
-        logger.error("--min-opacity must be between 0 and 1")
-        return 2
-    if args.max_gaussians is not None and args.max_gaussians < 1:
-        logger.error("--max-gaussians must be at least 1")
+    try:
+        options = OutputOptions(
+            format=args.format,
+            ply_layout=args.ply_layout,
+            spz_version=args.spz_version,
+            max_gaussians=args.max_gaussians,
+            min_opacity=args.min_opacity,
+        )
+    except OptionError as error:
+        logger.error("%s", error.describe(OPTION_FLAGS[error.option]))
         return 2
     try:
         # The CLI serves with an engine that is already built (sharp-runpod build-engine);
@@ -135,13 +155,6 @@ def run_predict(args: argparse.Namespace) -> int:
     except (CheckpointError, RuntimeError) as error:
         logger.error("%s", error)
         return 2
-    options = OutputOptions(
-        format=args.format,
-        ply_layout=args.ply_layout,
-        spz_version=args.spz_version,
-        max_gaussians=args.max_gaussians,
-        min_opacity=args.min_opacity,
-    )
     label = (
         " [UNTRAINED tiny model: not a real reconstruction]"
         if predictor.checkpoint.untrained
@@ -153,7 +166,10 @@ def run_predict(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         try:
             image = decode_image(
-                path.read_bytes(), focal_length_px=args.focal_px, max_pixels=settings.max_pixels
+                path.read_bytes(),
+                focal_length_px=args.focal_px,
+                max_pixels=settings.max_pixels,
+                focal_length_field="--focal-px",
             )
             prediction = predictor.predict(image)
             result = encode_prediction(prediction, options)
@@ -203,6 +219,7 @@ def run_convert(args: argparse.Namespace) -> int:
         gaussians = decode(source_format, source.read_bytes())
         if len(gaussians) == 0:
             raise ValueError("the file holds no Gaussians")
+        check_finite(gaussians, "the file")
         # Image size and focal length are metadata of the sharp .ply layout only; convert
         # writes the standard layout, so they are placeholders.
         encoded = encode(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,10 +215,13 @@ class EngineSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
         env = os.environ if env is None else env
         blocks = _get(env, "SHARP_FP32_BLOCKS")
+        cache_dir = default_cache_dir(env)
+        if _get(env, "SHARP_CACHE_DIR"):  # chosen, so it must work; a default may go unused
+            _check_writable(cache_dir, "SHARP_CACHE_DIR")
         return cls(
             checkpoint=_get(env, "SHARP_CHECKPOINT"),
             device=_choice(env, "SHARP_DEVICE", DEVICES, "auto"),
-            cache_dir=default_cache_dir(env),
+            cache_dir=cache_dir,
             backend=_choice(env, "SHARP_BACKEND", BACKENDS, "auto"),
             precision=_choice(env, "SHARP_PRECISION", PRECISIONS, None),
             fp32_blocks=_blocks(blocks) if blocks is not None else None,
@@ -321,6 +325,21 @@ def _blocks(raw: str) -> tuple[str, ...]:
         return tuple(resolve_block(b.strip()) for b in raw.split(",") if b.strip())
     except ValueError as error:
         raise SettingsError(f"SHARP_FP32_BLOCKS: {error}") from None
+
+
+def _check_writable(folder: Path, name: str) -> None:
+    """Create `folder` and a file in it, as the cache will: the only test that does not lie
+    (permission bits say nothing to root, nor about read-only mounts or /proc)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise SettingsError(
+            f"{name}={str(folder)!r} is not a writable folder ({reason}); "
+            "set it to one the worker can create and write"
+        ) from None
 
 
 def _path(env: Mapping[str, str], name: str) -> Path | None:

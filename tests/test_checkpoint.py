@@ -110,7 +110,7 @@ def test_unused_keys_may_be_absent(tiny_checkpoint, tmp_path):
 def test_truncated_file_says_so(tiny_checkpoint, tmp_path):
     path = tmp_path / "truncated.pt"
     path.write_bytes(tiny_checkpoint.read_bytes()[:100_000])
-    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="truncated, damaged or not a PyTorch state dict"):
         load_network(path)
 
 

@@ -55,13 +55,13 @@ def test_parse_request_defaults_and_int_focal_length():
         ({"image": "abc", "focal_length_px": float("inf")}, "focal_length_px does not meet"),
         ({"image": "abc", "ply_layout": ["standard"]}, "ply_layout"),
         # rp_validator skips constraints for values of the default's type; ours still apply.
-        ({"image": "abc", "ply_layout": "fancy"}, "ply_layout does not meet"),
-        ({"image": "abc", "output_format": "obj"}, "output_format does not meet"),
+        ({"image": "abc", "ply_layout": "fancy"}, "ply_layout must be one of standard"),
+        ({"image": "abc", "output_format": "obj"}, "output_format must be one of ply"),
         ({"image": "abc", "return": "email"}, "return does not meet"),
-        ({"image": "abc", "max_gaussians": True}, "max_gaussians does not meet"),
-        ({"image": "abc", "max_gaussians": 0}, "max_gaussians does not meet"),
+        ({"image": "abc", "max_gaussians": True}, "max_gaussians must be an integer"),
+        ({"image": "abc", "max_gaussians": 0}, "max_gaussians must be an integer >= 1, got 0"),
         ({"image": "abc", "max_gaussians": 1.5}, "max_gaussians should be"),
-        ({"image": "abc", "min_opacity": 2}, "min_opacity does not meet"),
+        ({"image": "abc", "min_opacity": 2}, "min_opacity must be a number from 0 to 1"),
     ],
 )
 def test_parse_request_refuses(job_input, message):

@@ -93,7 +93,13 @@ def download(url: str, target: Path) -> None:
     """Download to `target` with a progress bar; resumes a partial file; atomic rename."""
     from tqdm import tqdm  # a progress bar for downloads only: bare GPU setups lack it
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot create the cache folder {target.parent} ({error.strerror or error}); "
+            "set SHARP_CACHE_DIR to a writable folder"
+        ) from None
     partial = target.with_name(target.name + ".partial")
     with _exclusive_lock(target.with_name(target.name + ".lock")):
         if target.exists():  # another worker finished it while we waited
@@ -142,6 +148,20 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         yield
 
 
+def _load_failure(error: Exception) -> str:
+    """torch.load's reason in one short sentence, without its advice to load with
+    weights_only=False, which would run whatever code a downloaded file holds."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    sentence = line.split(". ", 1)[0].rstrip(".")
+    if len(sentence) > 120:
+        sentence = f"{sentence[:120]}..."
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Memory-maps the checkpoint, so loading 2.8 GB does not need twice that in RAM."""
     try:
@@ -153,9 +173,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except Exception as error:  # torch raises many types for a damaged file
         raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated or not a PyTorch "
-            f"checkpoint ({type(error).__name__}: {error}). Delete it and download it again."
-        ) from error
+            f"cannot read checkpoint {path}: the file is truncated, damaged or not a PyTorch "
+            f"state dict ({_load_failure(error)}); delete it and download it again"
+        ) from None
     if not isinstance(state, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in state.values()
     ):

@@ -11,7 +11,9 @@
 * converts to sRGB when the file embeds an ICC profile that is not sRGB (iPhone photos are
   often Display P3, print files CMYK); sRGB-tagged and untagged images are left bit-exact;
 * applies all eight EXIF orientations (the reference only handles 3, 6 and 8);
-* derives the focal length in pixels from EXIF with the reference's rules.
+* derives the focal length in pixels from EXIF with the reference's rules, and keeps every
+  focal length, given or derived, within a physical range for the image's size (a diagonal
+  field of view of MIN_DIAGONAL_FOV_DEG to MAX_DIAGONAL_FOV_DEG).
 
 Every failure caused by the bytes themselves is raised as `ImageDecodeError`, a `ValueError`
 whose message says what was wrong and what is accepted, so that a request handler can return
@@ -29,6 +31,7 @@ import logging
 import math
 import numbers
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -45,9 +48,11 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DecodedImage",
+    "FocalLengthError",
     "ImageDecodeError",
     "decode_image",
     "focal_length_px_from_35mm",
+    "focal_length_range_px",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -70,8 +75,15 @@ _TAG_FOCAL_LENGTH_35MM: Final = 0xA405
 
 # Focal length rules of the reference loader.
 _DEFAULT_FOCAL_35MM: Final = 30.0
-_SMALL_SENSOR_BELOW_MM: Final = 10.0  # a FocalLength this short is taken to be a phone lens
-_SMALL_SENSOR_CROP: Final = 8.4  # and scaled by a rough phone-sensor crop factor
+_SMALL_SENSOR_BELOW_MM: Final = 10.0
+_SMALL_SENSOR_CROP: Final = 8.4
+
+# Accepted focal lengths, as the diagonal field of view they give: 1 degree is a 2,479 mm lens
+# on 35 mm film (beyond any telephoto photographers carry), 160 degrees a 3.8 mm one (wider
+# than any rectilinear lens; fisheyes are not pinhole cameras). Outside it, the network's
+# depth scale is meaningless and the splat's numbers overflow or vanish.
+MIN_DIAGONAL_FOV_DEG: Final = 1.0
+MAX_DIAGONAL_FOV_DEG: Final = 160.0
 
 # The stored image is turned upright by these transposes; EXIF orientation 1 is the identity.
 _ORIENTATION_TRANSPOSE: Final = {
@@ -93,13 +105,19 @@ class ImageDecodeError(ValueError):
     """The image bytes cannot be used; the message is meant for the client."""
 
 
+class FocalLengthError(ImageDecodeError):
+    """The focal length given for the image is not a physical one; meant for the client."""
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     """An upright 8-bit RGB image and the focal length the model should assume for it."""
 
     rgb: np.ndarray  # (H, W, 3) uint8, C-contiguous, EXIF orientation applied
     focal_length_px: float
-    focal_length_source: str  # "override" | "exif_35mm" | "exif_focal_length" | "default"
+    # "override" | "exif_35mm" | "exif_focal_length" | "default", followed by a note in
+    # parentheses when out-of-range EXIF values were skipped
+    focal_length_source: str
     format: str  # Pillow's format name: "JPEG", "PNG", "WEBP", "HEIF", "AVIF", ...
 
     @property
@@ -117,11 +135,21 @@ def focal_length_px_from_35mm(f_35mm: float, width: int, height: int) -> float:
     return float(f_35mm) * math.sqrt(width**2 + height**2) / math.sqrt(36**2 + 24**2)
 
 
+def focal_length_range_px(width: int, height: int) -> tuple[float, float]:
+    """The shortest and longest accepted focal lengths, in pixels, for an image this size."""
+    half_diagonal = math.hypot(width, height) / 2
+    return (
+        half_diagonal / math.tan(math.radians(MAX_DIAGONAL_FOV_DEG) / 2),
+        half_diagonal / math.tan(math.radians(MIN_DIAGONAL_FOV_DEG) / 2),
+    )
+
+
 def decode_image(
     data: bytes,
     *,
     focal_length_px: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    focal_length_field: str = "focal_length_px",
 ) -> DecodedImage:
     """Decode image bytes into an upright 8-bit RGB array with its focal length in pixels.
 
@@ -131,14 +159,20 @@ def decode_image(
         max_pixels: Largest accepted width x height, checked before pixel data is decoded.
             Pillow's own decompression-bomb ceiling (``2 * Image.MAX_IMAGE_PIXELS``) still
             applies above it.
+        focal_length_field: How the caller's user names ``focal_length_px``, for messages.
 
     Raises:
         ImageDecodeError: The bytes are empty, corrupt, truncated, of an unsupported format or
             colour mode, too small or too large.
-        ValueError: ``focal_length_px`` or ``max_pixels`` is invalid.
+        FocalLengthError: ``focal_length_px`` is not a number or out of range for the image.
+        ValueError: ``max_pixels`` is invalid.
         TypeError: ``data`` is not bytes-like.
     """
-    override = None if focal_length_px is None else _checked_focal_length(focal_length_px)
+    override = (
+        None
+        if focal_length_px is None
+        else _checked_focal_length(focal_length_px, focal_length_field)
+    )
     _check_max_pixels(max_pixels)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"image data must be bytes, got {type(data).__name__}")
@@ -160,21 +194,42 @@ def decode_image(
 
     height, width = rgb.shape[:2]
     if override is not None:
+        _check_focal_range(override, focal_length_field, width, height)
         focal_px, source = override, "override"
     else:
-        f_35mm, source = _focal_length_35mm(tags)
-        focal_px = focal_length_px_from_35mm(f_35mm, width, height)
+        focal_px, source = _focal_length_from_exif(tags, width, height)
     return DecodedImage(
         rgb=rgb, focal_length_px=focal_px, focal_length_source=source, format=image_format
     )
 
 
-def _checked_focal_length(value: Any) -> float:
+def _checked_focal_length(value: Any, field: str) -> float:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
         if math.isfinite(number) and number > 0:
             return number
-    raise ValueError(f"focal_length_px must be a positive finite number, got {value!r}")
+    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}..."
+    raise FocalLengthError(f"{field} must be a positive number of pixels, got {shown}")
+
+
+def _check_focal_range(focal_px: float, field: str, width: int, height: int) -> None:
+    low, high = focal_length_range_px(width, height)
+    if not low <= focal_px <= high:
+        raise FocalLengthError(
+            f"{field}={focal_px:g} is out of range for this {width}x{height} image: give "
+            f"{low:,.1f} to {high:,.0f} pixels, a diagonal field of view of "
+            f"{MAX_DIAGONAL_FOV_DEG:g} to {MIN_DIAGONAL_FOV_DEG:g} degrees "
+            f"(a {_lens_35mm(MAX_DIAGONAL_FOV_DEG):.1f} to "
+            f"{_lens_35mm(MIN_DIAGONAL_FOV_DEG):,.0f} mm lens on 35 mm film), or leave it "
+            "out to use the photo's EXIF"
+        )
+
+
+def _lens_35mm(diagonal_fov_deg: float) -> float:
+    return math.hypot(36, 24) / 2 / math.tan(math.radians(diagonal_fov_deg) / 2)
 
 
 def _check_max_pixels(value: Any) -> None:
@@ -247,19 +302,37 @@ def _exif_tags(image: Image.Image) -> dict[int, Any]:
         return {}
 
 
-def _focal_length_35mm(tags: dict[int, Any]) -> tuple[float, str]:
-    """The reference's rules: the 35 mm tag, else FocalLength (scaled if short), else 30 mm."""
+def _focal_length_from_exif(tags: dict[int, Any], width: int, height: int) -> tuple[float, str]:
+    """The first of the reference's candidates within the accepted range, in pixels.
+
+    A candidate outside the range is skipped, and its value noted in the source: it is a
+    corrupt or forged tag, not a lens.
+    """
+    low, high = focal_length_range_px(width, height)
+    notes = []
+    chosen = (focal_length_px_from_35mm(_DEFAULT_FOCAL_35MM, width, height), "default")
+    for f_35mm, source, tag, raw in _focal_length_candidates(tags):
+        focal_px = focal_length_px_from_35mm(f_35mm, width, height)
+        if low <= focal_px <= high:
+            chosen = (focal_px, source)
+            break
+        notes.append(f"EXIF {tag} of {raw:g} mm ignored as out of range")
+    focal_px, source = chosen
+    return focal_px, f"{source} ({'; '.join(notes)})" if notes else source
+
+
+def _focal_length_candidates(tags: dict[int, Any]) -> Iterator[tuple[float, str, str, float]]:
+    """(35 mm equivalent, source, EXIF tag name, tag value) in the reference's order."""
     f_35mm = _exif_number(tags.get(_TAG_FOCAL_LENGTH_35MM))
-    if f_35mm is not None and f_35mm >= 1:
-        return f_35mm, "exif_35mm"
+    if f_35mm is not None and f_35mm > 0:
+        yield f_35mm, "exif_35mm", "FocalLengthIn35mmFilm", f_35mm
     # Unlike the reference, a zero FocalLength (unknown) falls through to the default
     # instead of producing a zero focal length.
     f_mm = _exif_number(tags.get(_TAG_FOCAL_LENGTH))
     if f_mm is not None and f_mm > 0:
-        if f_mm < _SMALL_SENSOR_BELOW_MM:
-            f_mm *= _SMALL_SENSOR_CROP
-        return f_mm, "exif_focal_length"
-    return _DEFAULT_FOCAL_35MM, "default"
+        # A FocalLength this short is taken to be a phone lens, scaled by a phone crop factor.
+        scaled = f_mm * _SMALL_SENSOR_CROP if f_mm < _SMALL_SENSOR_BELOW_MM else f_mm
+        yield scaled, "exif_focal_length", "FocalLength", f_mm
 
 
 def _exif_number(value: Any) -> float | None:

@@ -59,7 +59,9 @@ import io
 import json
 import math
 import os
+import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -237,42 +239,79 @@ def read_sog_files(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
 
     Checks what every reader relies on: version 2, the files present and decodable, one image
     size with at least `count` texels, 3 mins and maxs, codebooks of 256 entries; anything else
-    raises ValueError.
+    raises ValueError. Nothing is inflated or decoded beyond what `count` (<= MAX_READ_POINTS)
+    accounts for: a small hostile archive cannot fill the memory.
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as error:
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
         raise ValueError(f"not a .sog file (a ZIP archive): {error}") from None
     with archive:
         if "meta.json" not in archive.namelist():
             raise ValueError(".sog archive has no meta.json")
-        meta = json.loads(archive.read("meta.json"))
+        text = _read_member(archive, "meta.json", _MAX_META_BYTES)
         try:
-            images = _read_images(archive, meta)
+            meta = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"meta.json is not valid JSON ({error})") from None
+        try:
+            images = _read_images(archive, meta, _texel_budget(meta))
             _check_meta(meta, images)
-        except (KeyError, TypeError, AttributeError) as error:
+        except (KeyError, TypeError, AttributeError, IndexError) as error:
             raise ValueError(f"malformed meta.json ({type(error).__name__}: {error})") from None
     return meta, images
 
 
-def _read_images(archive: zipfile.ZipFile, meta: dict) -> dict[str, np.ndarray]:
+_MAX_META_BYTES = 1 << 20  # a few numbers and two 256-entry codebooks: kilobytes
+MAX_READ_POINTS = 1 << 24  # the most Gaussians a file may declare to be read: 14x SHARP's
+
+
+def _texel_budget(meta: dict) -> int:
+    """The most texels an image may have: room for any sensible layout of `count`."""
+    count = meta["count"]
+    if type(count) is not int or not 0 <= count <= MAX_READ_POINTS:
+        raise ValueError(f"meta.json count must be from 0 to {MAX_READ_POINTS:,}, got {count!r}")
+    return 2 * count + (1 << 16)
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """One archive member, inflated no further than `limit` bytes."""
+    try:
+        with archive.open(name) as member:  # the declared size may be a lie: read one more
+            content = b"" if archive.getinfo(name).file_size > limit else member.read(limit + 1)
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, zlib.error) as error:
+        raise ValueError(f".sog member {name} cannot be read: {error}") from None
+    if len(content) > limit or archive.getinfo(name).file_size > limit:
+        raise ValueError(f".sog member {name} is larger than the {limit:,} bytes it can hold")
+    return content
+
+
+def _read_images(archive: zipfile.ZipFile, meta: dict, texels: int) -> dict[str, np.ndarray]:
     if meta.get("version") != VERSION:
         raise ValueError(f"only SOG version {VERSION} is supported, got {meta.get('version')!r}")
     if "shN" in meta:
         raise ValueError("higher-order spherical harmonics (shN) are not supported")
     names, images = set(archive.namelist()), {}
+    member_limit = 5 * texels + (1 << 16)  # a lossless WebP is hardly larger than raw RGBA
     for key, files in FILES.items():
         if len(meta[key]["files"]) != len(files):
             raise ValueError(f"meta.json {key}.files must name {len(files)} image(s)")
         for name in meta[key]["files"]:
             if name not in names:
                 raise ValueError(f".sog archive lacks {name}, named by meta.json")
-            try:
-                with Image.open(io.BytesIO(archive.read(name))) as image:
-                    images[name] = np.asarray(image.convert("RGBA"))
-            except OSError as error:  # PIL.UnidentifiedImageError, truncated data
-                raise ValueError(f"{name} is not a readable image: {error}") from None
+            images[name] = _decode_image(name, _read_member(archive, name, member_limit), texels)
     return images
+
+
+def _decode_image(name: str, content: bytes, texels: int) -> np.ndarray:
+    try:  # the declared size is checked before any texel is decoded; Pillow's warning is noise
+        with warnings.catch_warnings(action="ignore"), Image.open(io.BytesIO(content)) as image:
+            width, height = image.size
+            if image.format == "WEBP" and width * height <= texels:
+                return np.asarray(image.convert("RGBA"))
+    except Exception as error:  # any decoder's failure on hostile bytes, bombs included
+        raise ValueError(f"{name} is not a readable image: {error}") from None
+    raise ValueError(f"{name} is not a readable image: not a WebP of at most {texels:,} texels")
 
 
 def _check_meta(meta: dict, images: dict[str, np.ndarray]) -> None:

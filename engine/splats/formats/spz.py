@@ -41,7 +41,6 @@ the writer refuses to write one.
 
 from __future__ import annotations
 
-import gzip
 import struct
 import zlib
 from dataclasses import dataclass
@@ -65,6 +64,8 @@ from engine.splats.gaussians import Gaussians
 MAGIC = 0x5053474E  # "NGSP" in file order
 VERSIONS = (2, 3, 4)
 DEFAULT_VERSION = 3  # the newest that Spark and the gzip-era loaders (1-3) all read
+# The most Gaussians a file may declare to be read: 14x a SHARP result, 340 MB decompressed.
+MAX_READ_POINTS = 1 << 24
 FRACTIONAL_BITS = 12
 COLOR_SCALE = 0.15
 # Stream order in the file; the spherical-harmonics block (last) is empty for degree 0.
@@ -172,12 +173,56 @@ def read_spz(data: bytes) -> Gaussians:
 
 
 def read_spz_streams(data: bytes) -> tuple[SpzHeader, dict[str, bytes]]:
-    """The header and the decompressed attribute blocks (keyed by STREAMS names) of .spz bytes."""
+    """The header and the decompressed attribute blocks (keyed by STREAMS names) of .spz bytes.
+
+    Nothing is decompressed beyond what the header says the file holds, and the header may
+    declare at most MAX_READ_POINTS Gaussians: a small hostile file cannot fill the memory.
+    """
     if data[:2] == b"\x1f\x8b":
-        return _read_legacy(gzip.decompress(data))
+        return _read_legacy(_gunzip_bounded(data))
     if len(data) >= _NGSP_HEADER.size and struct.unpack_from("<I", data)[0] == MAGIC:
         return _read_ngsp(data)
     raise ValueError("not an .spz file: neither gzip (versions 1-3) nor an NGSP header (4+)")
+
+
+def _gunzip_bounded(data: bytes) -> bytes:
+    """The gzip payload, inflated no further than its header's point count allows."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        payload = inflater.decompress(data, _LEGACY_HEADER.size)
+        if len(payload) < _LEGACY_HEADER.size:
+            raise ValueError("truncated .spz: the file ends inside its header")
+        magic, version, n, *_ = _LEGACY_HEADER.unpack_from(payload)
+        _check_legacy(magic, version)
+        _check_point_count(n)
+        expected = _LEGACY_HEADER.size + sum(
+            _block_sizes(SpzHeader(version, n, 0, FRACTIONAL_BITS, 0))
+        )
+        # One byte more than the header allows tells a file that holds more than it says.
+        payload += inflater.decompress(inflater.unconsumed_tail, expected + 1 - len(payload))
+    except zlib.error as error:
+        raise ValueError(f"corrupt .spz: its gzip stream is damaged ({error})") from None
+    if len(payload) > expected:
+        raise ValueError(
+            f".spz decompresses to more than the {expected:,} bytes its header declares"
+        )
+    if not inflater.eof:
+        raise ValueError(
+            f"truncated .spz: {len(payload):,} of {expected:,} bytes, the gzip stream ends early"
+        )
+    return payload
+
+
+def _check_legacy(magic: int, version: int) -> None:
+    if magic != MAGIC or version not in (2, 3):
+        raise ValueError(f"unsupported .spz: magic {magic:#x}, version {version}")
+
+
+def _check_point_count(n: int) -> None:
+    if n > MAX_READ_POINTS:
+        raise ValueError(
+            f".spz header declares {n:,} Gaussians; at most {MAX_READ_POINTS:,} are read"
+        )
 
 
 # --- attribute blocks -------------------------------------------------------------------------
@@ -296,8 +341,7 @@ def _read_legacy(payload: bytes) -> tuple[SpzHeader, dict[str, bytes]]:
     if len(payload) < _LEGACY_HEADER.size:
         raise ValueError("truncated .spz header")
     magic, version, n, sh_degree, fractional_bits, flags, _ = _LEGACY_HEADER.unpack_from(payload)
-    if magic != MAGIC or version not in (2, 3):
-        raise ValueError(f"unsupported .spz: magic {magic:#x}, version {version}")
+    _check_legacy(magic, version)
     header = SpzHeader(version, n, sh_degree, fractional_bits, flags)
     streams, offset = {}, _LEGACY_HEADER.size
     for name, size in zip(STREAMS, _block_sizes(header)):
@@ -314,20 +358,32 @@ def _read_ngsp(data: bytes) -> tuple[SpzHeader, dict[str, bytes]]:
     )
     if version < 4:
         raise ValueError(f"an NGSP header must have version >= 4, got {version}")
+    _check_point_count(n)
     header = SpzHeader(version, n, sh_degree, fractional_bits, flags)
     sizes = _block_sizes(header)
     if num_streams != len(sizes):
         raise ValueError(f"expected {len(sizes)} streams for shDegree 0, got {num_streams}")
     zstd = _zstd()
     streams, offset = {}, toc_offset + num_streams * _TOC_ENTRY.size
+    if offset > len(data):
+        raise ValueError("truncated .spz: the file ends inside its table of streams")
     for i, (name, size) in enumerate(zip(STREAMS, sizes)):
         compressed, uncompressed = _TOC_ENTRY.unpack_from(data, toc_offset + i * _TOC_ENTRY.size)
         if uncompressed != size:
             raise ValueError(f"stream {name} has {uncompressed} bytes, expected {size}")
-        streams[name] = zstd.decompress(data[offset : offset + compressed])
+        if offset + compressed > len(data):
+            raise ValueError(f"truncated .spz: the file ends inside stream {name}")
+        try:
+            # At most one byte more than declared: enough to tell a stream that holds more.
+            block = zstd.ZstdDecompressor().decompress(
+                data[offset : offset + compressed], max_length=size + 1
+            )
+        except zstd.ZstdError as error:
+            raise ValueError(f"corrupt .spz: stream {name} is damaged ({error})") from None
         offset += compressed
-        if len(streams[name]) != size:
-            raise ValueError(f"stream {name} decompressed to {len(streams[name])} bytes")
+        if len(block) != size:
+            raise ValueError(f"stream {name} decompressed to {len(block):,} bytes, not {size:,}")
+        streams[name] = block
     return header, streams
 
 
