@@ -178,6 +178,7 @@ VARIABLES: tuple[Variable, ...] = (
         "`queue`",
         f"{_one_of(SERVE_MODES)}: `http` serves `/predict`, `/ping` and a page at `/` (load balancing)",
     ),
+    Variable("SHARP_HOST", "`0.0.0.0`", "HTTP mode: the address to listen on"),
     Variable("PORT", "`8000`", "HTTP mode: the port to listen on (RunPod sets it)"),
     Variable("PORT_HEALTH", "`PORT`", "HTTP mode: another port that answers `GET /ping`"),
     Variable("SHARP_MAX_BODY_BYTES", "`30000000`", "HTTP mode: largest request or response body"),
@@ -266,6 +267,7 @@ class BucketSettings:
 class HttpSettings:
     """The worker's own HTTP server (`SHARP_SERVE=http`), for RunPod's load-balancing endpoints."""
 
+    host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     health_port: int | None = None  # None: /ping on `port` only
     max_body_bytes: int = LOAD_BALANCER_BODY_LIMIT_BYTES
@@ -278,6 +280,7 @@ class HttpSettings:
         port = _int(env, "PORT", DEFAULT_PORT, 65_535)
         health_port = _int(env, "PORT_HEALTH", port, 65_535)
         return cls(
+            host=_get(env, "SHARP_HOST") or "0.0.0.0",
             port=port,
             health_port=health_port if health_port != port else None,
             max_body_bytes=_int(env, "SHARP_MAX_BODY_BYTES", LOAD_BALANCER_BODY_LIMIT_BYTES),
