@@ -30,10 +30,13 @@ def import_map(modules_base: str | None) -> dict[str, dict[str, str]]:
     }
 
 
-def page_html(modules_base: str | None = None, file_url: str | None = None) -> str:
-    """The page; with `file_url` it shows that file at once and takes no photo."""
+def page_html(
+    modules_base: str | None = None, file_url: str | None = None, fovy_deg: float | None = None
+) -> str:
+    """The page; with `file_url` it shows that file at once (its camera's vertical field of
+    view `fovy_deg`) and takes no photo."""
     template = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
-    config = {"file": file_url}
+    config = {"file": file_url, "fovy": fovy_deg}
     return template.replace(
         "__IMPORT_MAP__", json.dumps(import_map(modules_base), indent=2)
     ).replace("__CONFIG__", json.dumps(config))
