@@ -127,7 +127,8 @@ class SharpWorker:
             size = result["image_size"]
             if size["width"] * size["height"] >= RELEASE_HEAP_AFTER_PIXELS:
                 release_free_heap()
-            return Outcome(result, output if delivery.as_body else None)
+            as_body = delivery.as_body and result["delivery"] == "inline"
+            return Outcome(result, output if as_body else None)
         # Reached after a GPU fault only, once the traceback and the tensors its frames held
         # are gone, so that emptying the cache can return their memory.
         return Outcome(self._recover(message, out_of_memory), error_type=error_type)
