@@ -21,6 +21,7 @@ from .requests import UnsupportedBody, error_status, is_json, predict_request, r
 logger = logging.getLogger(__name__)
 
 LOADING_RETRY_S = 10
+DRAIN_FACTOR = 4
 
 
 @dataclass
@@ -127,26 +128,33 @@ def create_app(settings: Settings, state: ServerState) -> FastAPI:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it is over `limit`: Content-Length may be absent or lie."""
+    """The body, refused when over `limit`: counted as it comes, Content-Length may lie.
+
+    A body up to DRAIN_FACTOR times the limit is read to its end before the refusal: a client
+    still sending would otherwise meet a closed connection instead of the 413 and its message.
+    """
     what = (
         "the request body"
         if is_json(request.headers.get("content-type", ""))
         else "the image (the request body)"
     )
-    message = (
+    too_large = BodyTooLarge(
         f"{what} is larger than {limit:,} bytes: send a smaller image "
         "(SHARP_MAX_IMAGE_BYTES and SHARP_MAX_BODY_BYTES set the limits), or pass it by image_url"
     )
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(message)
+    if declared.isdigit() and int(declared) > limit * DRAIN_FACTOR:
+        raise too_large
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(message)
-        chunks.append(chunk)
+        if size > limit * DRAIN_FACTOR:
+            raise too_large
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise too_large
     return b"".join(chunks)
 
 
