@@ -22,11 +22,15 @@ test: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-# The RunPod SDK's local API server with the tiny model on the CPU. Locally there is no
-# platform cap on results, so full .ply files may come back inline.
+# The worker's HTTP server (a load-balancing endpoint's) with the tiny model on the CPU, on
+# 127.0.0.1:$(PORT): POST /predict, GET /ping, and the viewer page at /. The page takes Spark
+# and three.js from tests/js/node_modules when installed, else from their pinned CDN URLs.
+PORT ?= 8000
 serve: $(VENV)/.installed
-	SHARP_CHECKPOINT=tiny-untrained SHARP_DEVICE=cpu SHARP_MAX_INLINE_BYTES=200000000 \
-		$(BIN)/python -m handler --rp_serve_api --rp_api_port 8000
+	@echo "The page: http://127.0.0.1:$(PORT)/ (the model loads first: GET /ping says 200 when ready)"
+	SHARP_SERVE=http SHARP_HOST=127.0.0.1 PORT=$(PORT) SHARP_CHECKPOINT=tiny-untrained SHARP_DEVICE=cpu \
+		$(if $(wildcard $(JS)/node_modules/three),SHARP_VIEWER_MODULES=$(JS)/node_modules) \
+		$(BIN)/python -m handler
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pytest benchmarks --benchmark-enable

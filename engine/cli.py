@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from engine.io.checkpoint import TINY_UNTRAINED, CheckpointError
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--spz-version", type=int, default=DEFAULT_VERSION, choices=VERSIONS)
     convert.set_defaults(run=run_convert)
+    view = commands.add_parser(
+        "view", help="show a splat file (.ply, .spz, .splat, .sog) in a browser, upright"
+    )
+    view.add_argument("file", type=Path, help="the splat file")
+    view.add_argument("--port", type=int, default=0, help="local port (default: a free one)")
+    view.add_argument("--no-browser", action="store_true", help="only print the address")
+    view.set_defaults(run=run_view)
     commands.add_parser(
         "build-engine", help="export the network and compile it (python export/build_engine.py)"
     )
@@ -240,6 +248,43 @@ def run_convert(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - start:.2f} s)"
     )
     return 0
+
+
+def run_view(args: argparse.Namespace) -> int:
+    from engine.settings import HttpSettings
+    from engine.viewer.serve import ViewError, check_viewable, view
+
+    try:
+        modules = HttpSettings.from_env().viewer_modules
+        format = check_viewable(args.file)
+        fovy = _fitted_fovy(decode(format, args.file.read_bytes()))
+        view(
+            args.file,
+            port=args.port,
+            modules=modules,
+            open_browser=not args.no_browser,
+            fovy_deg=fovy,
+        )
+    except (ViewError, SettingsError, OSError, ValueError) as error:
+        print(f"sharp-runpod: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _fitted_fovy(gaussians: Gaussians) -> float | None:
+    """The vertical field of view that frames the splat as its photo did, from the origin.
+
+    Our files keep the photo's camera at the origin (the readers give OpenCV axes), and the
+    Gaussians fill the frustum of its pixels: nearly all lie within the photo's field of view.
+    """
+    y, z = gaussians.means[:, 1], gaussians.means[:, 2]
+    ahead = z > 0
+    if not bool(ahead.any()):
+        return None
+    half = torch.quantile(
+        (y[ahead] / z[ahead]).abs().float()[:: max(1, int(ahead.sum()) // 100_000)], 0.999
+    )
+    return math.degrees(2 * math.atan(float(half)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,6 +46,14 @@ DEFAULT_URL_EXPIRY_S = 3600
 MAX_URL_EXPIRY_S = 604_800  # the longest an S3 SigV4 presigned URL may live
 DEFAULT_TRT_WORKSPACE_GB = 4.0
 
+# How the worker serves: RunPod's job queue (the SDK), or its own HTTP server for RunPod's
+# load-balancing endpoints, which take and return at most 30 MB a request
+# (docs.runpod.io/serverless/load-balancing).
+SERVE_MODES = ("queue", "http")
+DEFAULT_PORT = 8000
+LOAD_BALANCER_BODY_LIMIT_BYTES = 30_000_000
+DEFAULT_MAX_QUEUED = 4
+
 # The RunPod SDK's switch for fetching job-supplied URLs on private networks; the SDK
 # treats exactly these values as "on" (runpod/serverless/utils/rp_ssrf.py).
 ALLOW_PRIVATE_ENV = "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"
@@ -169,6 +177,21 @@ VARIABLES: tuple[Variable, ...] = (
         f"{_one_of(_SDK_TRUE)}: serve the local API on `0.0.0.0:8000` (for `docker run -p`)",
     ),
     Variable(
+        "SHARP_SERVE",
+        "`queue`",
+        f"{_one_of(SERVE_MODES)}: `http` serves `/predict`, `/ping` and a page at `/` (load balancing)",
+    ),
+    Variable("SHARP_HOST", "`0.0.0.0`", "HTTP mode: the address to listen on"),
+    Variable("PORT", "`8000`", "HTTP mode: the port to listen on (RunPod sets it)"),
+    Variable("PORT_HEALTH", "`PORT`", "HTTP mode: another port that answers `GET /ping`"),
+    Variable("SHARP_MAX_BODY_BYTES", "`30000000`", "HTTP mode: largest request or response body"),
+    Variable("SHARP_MAX_QUEUED", "`4`", "HTTP mode: requests waiting for the GPU; more get 429"),
+    Variable(
+        "SHARP_VIEWER_MODULES",
+        "the CDN",
+        "HTTP mode and `view`: a `node_modules` with `three` and `@sparkjsdev/spark` for the page",
+    ),
+    Variable(
         "RUNPOD_LOG_LEVEL",
         "`INFO`",
         "the RunPod SDK's log level. The SDK's own default, `DEBUG`, logs every job's whole output (megabytes of base64), so the worker lowers it unless this is set",
@@ -247,6 +270,32 @@ class BucketSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The worker's own HTTP server (`SHARP_SERVE=http`), for RunPod's load-balancing endpoints."""
+
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    health_port: int | None = None  # None: /ping on `port` only
+    max_body_bytes: int = LOAD_BALANCER_BODY_LIMIT_BYTES
+    max_queued: int = DEFAULT_MAX_QUEUED  # waiting behind the request on the GPU
+    viewer_modules: Path | None = None  # None: the page loads its modules from the CDN
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> HttpSettings:
+        env = os.environ if env is None else env
+        port = _int(env, "PORT", DEFAULT_PORT, 65_535)
+        health_port = _int(env, "PORT_HEALTH", port, 65_535)
+        return cls(
+            host=_get(env, "SHARP_HOST") or "0.0.0.0",
+            port=port,
+            health_port=health_port if health_port != port else None,
+            max_body_bytes=_int(env, "SHARP_MAX_BODY_BYTES", LOAD_BALANCER_BODY_LIMIT_BYTES),
+            max_queued=_int(env, "SHARP_MAX_QUEUED", DEFAULT_MAX_QUEUED),
+            viewer_modules=_path(env, "SHARP_VIEWER_MODULES"),
+        )
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """What only the RunPod worker uses: limits, URL fetching, delivery, the SDK's switches."""
 
@@ -258,6 +307,8 @@ class WorkerSettings:
     allow_private_urls: bool = False
     bucket: BucketSettings | None = None
     local_api: bool = False
+    serve: str = "queue"  # one of SERVE_MODES
+    http: HttpSettings = field(default_factory=HttpSettings)
     sdk_log_level: str = "INFO"  # the SDK's own variables; INFO where it would default to DEBUG
 
     @classmethod
@@ -276,6 +327,8 @@ class WorkerSettings:
                 env, _int(env, "SHARP_URL_EXPIRY_S", DEFAULT_URL_EXPIRY_S, MAX_URL_EXPIRY_S)
             ),
             local_api=_sdk_flag(env, "SHARP_LOCAL_API"),
+            serve=_choice(env, "SHARP_SERVE", SERVE_MODES, "queue"),
+            http=HttpSettings.from_env(env),
             sdk_log_level=(
                 _get(env, "RUNPOD_LOG_LEVEL") or _get(env, "RUNPOD_DEBUG_LEVEL") or "INFO"
             ),

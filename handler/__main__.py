@@ -44,6 +44,10 @@ def main() -> None:
     try:
         settings = Settings.from_env()
         configure_numerics()
+        if settings.worker.serve == "http":  # its own server: POST /predict, GET /ping
+            from .web.server import serve
+
+            sys.exit(serve(settings))
         worker = build_worker(settings)
     except (SettingsError, DeviceError, CheckpointError) as error:
         logger.error("The worker cannot start: %s", error)

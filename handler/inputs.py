@@ -81,9 +81,11 @@ class JobRequest:
     focal_length_px: float | None
     output: OutputOptions
     delivery: str | None  # None: inline when it fits, else a URL when a bucket is configured
+    image_data: bytes | None = None  # the image itself, sent as an HTTP request's body
 
 
-def parse_request(job_input: Any) -> JobRequest:
+def parse_request(job_input: Any, image_data: bytes | None = None) -> JobRequest:
+    """The job input's fields; `image_data`, when given, is the image (an HTTP body)."""
     if not isinstance(job_input, dict):
         raise InputError(f"input must be a JSON object with {FIELD_GUIDE}")
     _check_names(job_input)
@@ -95,7 +97,9 @@ def parse_request(job_input: Any) -> JobRequest:
     if "errors" in result:
         raise InputError(f"invalid input: {' '.join(result['errors'])} Expected: {FIELD_GUIDE}.")
     fields = result["validated_input"]
-    if fields["image"] is None and fields["image_url"] is None:
+    if image_data is not None and (fields["image"] is not None or fields["image_url"] is not None):
+        raise InputError("the image is the request body: send no image or image_url with it")
+    if image_data is None and fields["image"] is None and fields["image_url"] is None:
         raise InputError(f"no image given: send {FIELD_GUIDE}")
     if fields["image"] is not None and fields["image_url"] is not None:
         raise InputError("send either image or image_url, not both")
@@ -112,6 +116,7 @@ def parse_request(job_input: Any) -> JobRequest:
         focal_length_px=fields["focal_length_px"],
         output=output,
         delivery=fields["return"],
+        image_data=image_data,
     )
 
 
@@ -144,6 +149,8 @@ def _fits_float(value: int) -> bool:
 
 def image_bytes(request: JobRequest, policy: FetchPolicy) -> bytes:
     """The encoded image the client sent, inline or behind `image_url`."""
+    if request.image_data is not None:
+        return request.image_data  # the HTTP server has held it to the size limit
     if request.image_url is not None:
         return fetch(request.image_url, policy)
     return decode_base64_image(request.image or "", policy.max_bytes)

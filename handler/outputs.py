@@ -1,8 +1,8 @@
-"""Turning a prediction into the file the client asked for, and getting it to the client.
+"""Getting the encoded file to the client: inline, or through a bucket URL.
 
-Encoding is `engine.splats.formats.encode` (ply, spz, splat, sog), after optional pruning. Delivery
-decides between inline base64 and a bucket URL, and enforces the inline limit itself:
-RunPod drops a result over its limit yet reports the job COMPLETED.
+Inline is base64 in the queue's JSON result, or the HTTP response's body itself. Delivery
+enforces the inline limit itself: RunPod drops a queue result over its limit yet reports the
+job COMPLETED.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import base64
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from engine.results import EmptyResultError, OutputOptions, encode_prediction
-from engine.runtime.predictor import Prediction
 from engine.settings import BUCKET_ENV
 from engine.splats.formats import EncodedSplat, smallest_first
 
@@ -21,15 +19,6 @@ from .storage import ResultBucket
 
 class DeliveryError(ValueError):
     """The result cannot be delivered the way it was asked for; meant for the client."""
-
-
-def encode(prediction: Prediction, options: OutputOptions) -> tuple[EncodedSplat, int]:
-    """The encoded file and how many Gaussians it holds."""
-    try:
-        result = encode_prediction(prediction, options)
-    except EmptyResultError as error:
-        raise DeliveryError(str(error)) from None
-    return result.splat, result.num_gaussians
 
 
 def base64_size(num_bytes: int) -> int:
@@ -52,10 +41,15 @@ def deliver(
     max_inline_bytes: int,
     bucket: ResultBucket | None,
     job_id: str,
+    as_body: bool = False,
 ) -> dict[str, Any]:
-    """The result fields that carry the output: inline base64, or a presigned URL."""
-    check_deliverable(delivery, bucket)
-    fits = base64_size(len(output.data)) <= max_inline_bytes
+    """The result fields that carry the output: inline base64, or a presigned URL.
+
+    `as_body`: inline means the raw bytes as an HTTP response body, which the caller sends;
+    the limit is then on those bytes. `check_deliverable` has run before any work.
+    """
+    inline_size = len(output.data) if as_body else base64_size(len(output.data))
+    fits = inline_size <= max_inline_bytes
     if bucket is not None and (delivery == "url" or (delivery is None and not fits)):
         uploaded = bucket.upload(
             output.data, job_id=job_id, extension=output.extension, content_type=output.media_type
@@ -68,11 +62,20 @@ def deliver(
             "url_expires_at": expires_at.isoformat(timespec="seconds"),
         }
     if not fits:
-        raise DeliveryError(_too_large_message(output, max_inline_bytes, bucket is not None))
+        limit = (
+            f"the response limit of {max_inline_bytes:,} bytes (SHARP_MAX_BODY_BYTES; a "
+            "load-balancing endpoint returns at most 30 MB)"
+            if as_body
+            else f"the inline limit of {max_inline_bytes:,} base64 bytes (SHARP_MAX_INLINE_BYTES; "
+            "RunPod returns at most 20 MB per job)"
+        )
+        raise DeliveryError(_too_large_message(output, limit, bucket is not None))
+    if as_body:
+        return {"delivery": "inline"}
     return {"delivery": "inline", output.format: base64.b64encode(output.data).decode("ascii")}
 
 
-def _too_large_message(output: EncodedSplat, max_inline_bytes: int, has_bucket: bool) -> str:
+def _too_large_message(output: EncodedSplat, limit: str, has_bucket: bool) -> str:
     """The fixes, most useful first: a compact format (a full SHARP result is ~8 MB as .sog,
     which fits inline), a bucket, then fewer Gaussians."""
     size = len(output.data)
@@ -90,6 +93,5 @@ def _too_large_message(output: EncodedSplat, max_inline_bytes: int, has_bucket: 
     remedies.append("request fewer Gaussians (max_gaussians, min_opacity)")
     return (
         f"the {output.format} result is {size:,} bytes ({base64_size(size):,} as base64), over "
-        f"the inline limit of {max_inline_bytes:,} base64 bytes (SHARP_MAX_INLINE_BYTES; "
-        "RunPod returns at most 20 MB per job). To get it, " + ", or ".join(remedies) + "."
+        f"{limit}. To get it, " + ", or ".join(remedies) + "."
     )

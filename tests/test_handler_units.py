@@ -17,7 +17,7 @@ import torch
 from handler_support import ImageHost, moto_s3, png_bytes
 from runpod.serverless.modules.rp_job import run_job
 
-from engine.results import OutputOptions
+from engine.results import EmptyResultError, OutputOptions, encode_prediction
 from engine.runtime.predictor import Prediction
 from engine.settings import Settings, WorkerSettings
 from engine.splats.formats import EncodedSplat
@@ -26,7 +26,7 @@ from handler import model as handler_model
 from handler.fetch import FetchError, FetchPolicy, fetch, is_public_address
 from handler.inputs import InputError, decode_base64_image, parse_request
 from handler.model import checkpoint_spec, find_in_hf_cache, is_device_fault
-from handler.outputs import DeliveryError, base64_size, deliver, encode
+from handler.outputs import DeliveryError, base64_size, deliver
 from handler.storage import ResultBucket, UploadError
 from handler.worker import SharpWorker
 
@@ -285,13 +285,16 @@ def synthetic_prediction(n: int = 64) -> Prediction:
 
 
 def test_pruned_encoding_counts_what_it_keeps():
-    output, count = encode(synthetic_prediction(), OutputOptions("splat", "standard", 3, 10, None))
-    assert output.format == "splat" and count == 10 and len(output.data) == 10 * 32
+    result = encode_prediction(
+        synthetic_prediction(), OutputOptions("splat", "standard", 3, 10, None)
+    )
+    output = result.splat
+    assert output.format == "splat" and result.num_gaussians == 10 and len(output.data) == 10 * 32
 
 
 def test_pruning_away_everything_is_the_clients_error():
-    with pytest.raises(DeliveryError, match="min_opacity=0.99 leaves no Gaussian"):
-        encode(synthetic_prediction(), OutputOptions("spz", "standard", 3, None, 0.99))
+    with pytest.raises(EmptyResultError, match="min_opacity=0.99 leaves no Gaussian"):
+        encode_prediction(synthetic_prediction(), OutputOptions("spz", "standard", 3, None, 0.99))
 
 
 # --- model loading --------------------------------------------------------------------------
@@ -381,5 +384,6 @@ def test_spz_version_is_validated_and_applied():
     assert parse_request({"image": "aGk="}).output.spz_version == 3
     with pytest.raises(InputError, match="spz_version"):
         parse_request({"image": "aGk=", "spz_version": 1})
-    output, _ = encode(synthetic_prediction(), OutputOptions("spz", "standard", 4, None, None))
+    options = OutputOptions("spz", "standard", 4, None, None)
+    output = encode_prediction(synthetic_prediction(), options).splat
     assert output.data[:4] == b"NGSP"  # version 4 has a plain header; 2 and 3 are gzip

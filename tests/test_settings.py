@@ -102,6 +102,11 @@ BAD = [
         },
         "BUCKET_ENDPOINT_URL must be an http(s) URL",
     ),
+    ({"SHARP_SERVE": "grpc"}, "SHARP_SERVE must be one of queue, http; got 'grpc'"),
+    ({"PORT": "70000"}, "PORT must be a whole number at least 1 and at most 65,535"),
+    ({"PORT_HEALTH": "health"}, "PORT_HEALTH must be a whole number"),
+    ({"SHARP_MAX_QUEUED": "0.5"}, "SHARP_MAX_QUEUED must be a whole number"),
+    ({"SHARP_MAX_BODY_BYTES": "-1"}, "SHARP_MAX_BODY_BYTES must be a whole number"),
 ]
 
 
@@ -135,7 +140,7 @@ def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
 CLI = [str(Path(sys.executable).with_name("sharp-runpod")), "predict", "samples/coffee.jpg", "-o"]
 
 
-@pytest.mark.parametrize(("env", "message"), [BAD[1], BAD[2], BAD[3], BAD[11]])
+@pytest.mark.parametrize(("env", "message"), [BAD[1], BAD[2], BAD[3], BAD[11], BAD[-5]])
 def test_worker_and_cli_stop_with_one_line(env, message, tmp_path):
     """As a user meets it: the worker exits 1 and the CLI 2, each with one line, no traceback."""
     for command, code in (([sys.executable, "-m", "handler"], 1), (CLI + [str(tmp_path)], 2)):
