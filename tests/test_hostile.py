@@ -439,7 +439,7 @@ HOSTILE_FILES = {
         "quats.webp is not a readable image: not a WebP of at most 65,556 texels",
     ),
     "bomb.sog": (
-        _sog_with(**{"scales.webp": bytes(300 << 20)}),
+        _sog_with(**{"scales.webp": bytes(64 << 20)}),
         ".sog member scales.webp is larger than the 393,316 bytes it can hold",
     ),
     "huge-count.sog": (
