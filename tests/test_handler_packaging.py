@@ -50,19 +50,27 @@ def test_hadolint_catches_problems():
 
 
 def test_dockerfile_pairs_torch_tensorrt_with_the_base_torch():
-    base = re.search(r"^FROM pytorch/pytorch:(\d+\.\d+)\.\d+-cuda(\d+)\.", DOCKERFILE, re.M)
+    base = re.search(
+        r"^ARG BASE_IMAGE=pytorch/pytorch:(\d+\.\d+)\.\d+-cuda(\d+)\.", DOCKERFILE, re.M
+    )
     trt = re.search(r"^ARG TORCH_TENSORRT_VERSION=(\d+\.\d+)\.\d+$", DOCKERFILE, re.M)
     assert base and trt and base.group(1) == trt.group(1)
     assert base.group(2) == "13"  # torch-tensorrt's PyPI wheels for 2.13 target CUDA 13
 
 
 def test_dockerfile_essentials():
-    assert 'CMD ["python", "-u", "-m", "handler"]' in DOCKERFILE
-    assert 'pip install ".[worker]"' in DOCKERFILE
+    # `python3` only: a system-Python base has no `python` command, and its pip refuses to
+    # install (PEP 668): everything goes into a virtual environment over the base's packages.
+    assert 'CMD ["python3", "-u", "-m", "handler"]' in DOCKERFILE
+    code = "\n".join(line for line in DOCKERFILE.splitlines() if not line.startswith("#"))
+    assert not re.search(r"\bpython\b|(?<!-m )\bpip install", code)
+    assert "python3 -m venv --system-site-packages" in DOCKERFILE
+    assert 'python3 -m pip install ".[worker]"' in DOCKERFILE
+    assert "FROM ${BASE_IMAGE}\n" in DOCKERFILE and "ENV SHARP_LOCAL_API=1\n" in DOCKERFILE
     # Without network the build cannot download the weights into the image behind the
     # licence's back: build_engine.py then defers to the worker.
     assert (
-        "RUN --network=none python export/build_engine.py --output-dir /opt/sharp/engines\n"
+        "RUN --network=none python3 export/build_engine.py --output-dir /opt/sharp/engines\n"
         in DOCKERFILE
     )
     assert "ENV SHARP_PREBUILT_ENGINE_DIR=/opt/sharp/engines\n" in DOCKERFILE
