@@ -71,12 +71,16 @@ COPY . .
 RUN python3 -m pip install ".[worker]" \
     && python3 -c "import torch; assert not torch.__file__.startswith('/opt/venv/'), torch.__file__"
 
-# The build tool: on a GPU builder it compiles and validates the engine into the image; on a
-# builder without one (the usual case) there is nothing a GPU worker could load, and it says so
-# and exits 0. The worker then builds its engine in a child process at first start, or finds
-# the one `sharp-runpod build-engine` put on the network volume (see the README).
+# The build tool, on the baked weights only, so that the build never downloads them behind the
+# licence's back (and runs on any builder: no BuildKit-only flags). On a GPU builder it compiles
+# and validates the engine into the image; on a builder without one (the usual case) there is
+# nothing a GPU worker could load, and it says so and exits 0. The worker then builds its
+# engine in a child process at first start, or finds the one `sharp-runpod build-engine` put on
+# the network volume (see the README).
 ENV SHARP_PREBUILT_ENGINE_DIR=/opt/sharp/engines
-RUN --network=none python3 export/build_engine.py --output-dir /opt/sharp/engines
+RUN if [ -n "${SHARP_CHECKPOINT}" ]; then \
+      python3 export/build_engine.py --output-dir /opt/sharp/engines ; \
+    else echo "No weights in the image: the worker builds its engine at first start." ; fi
 
 # Optional: Apple's own package at the pinned commit, so that `sharp-runpod build-engine
 # --apple-parity require` on a GPU pod can compare both implementations on the real weights.
