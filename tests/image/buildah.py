@@ -4,7 +4,7 @@ The real base (pytorch/pytorch, CUDA) cannot be pulled here, so the image is bui
 stand-in made with mmdebstrap: Debian's externally managed system Python, no `python`
 command, CPU torch in the system site-packages (standin-base.Containerfile). The project's
 Dockerfile is built on it unchanged apart from its build arguments. The build container
-reaches the package index the way this machine's pip does: its configuration files and the
+reaches the package index the way the host's pip does: its configuration files and the
 local paths they name are mounted read-only into the build's RUN steps, never into the image.
 Storage is vfs and isolation chroot, the setup that works as root without a daemon.
 """
@@ -90,7 +90,7 @@ def _torch_wheel() -> Path | None:
 
 
 def pip_mounts() -> list[str]:
-    """`--volume` arguments that give RUN steps this machine's pip configuration, read-only."""
+    """`--volume` arguments that give RUN steps the host's pip configuration, read-only."""
     paths = {path for path in PIP_CONFIG_FILES if path.exists()}
     for key, value in _pip_config().items():
         if key not in PIP_PATH_KEYS:
