@@ -38,6 +38,7 @@ ENGINE_BUILDS = ("auto", "off")
 PLATFORM_RESULT_LIMIT_BYTES = 20_000_000
 ENVELOPE_HEADROOM_BYTES = 1_000_000
 DEFAULT_MAX_INLINE_BYTES = PLATFORM_RESULT_LIMIT_BYTES - ENVELOPE_HEADROOM_BYTES
+LOCAL_API_MAX_INLINE_BYTES = 200_000_000  # off RunPod no platform cap applies to a result
 DEFAULT_MAX_IMAGE_BYTES = 25_000_000
 DEFAULT_MAX_PIXELS = 40_000_000  # checked from the header, before any pixel is decoded
 DEFAULT_URL_CONNECT_TIMEOUT_S = 5.0
@@ -57,6 +58,7 @@ DEFAULT_MAX_QUEUED = 4
 # The RunPod SDK's switch for fetching job-supplied URLs on private networks; the SDK
 # treats exactly these values as "on" (runpod/serverless/utils/rp_ssrf.py).
 ALLOW_PRIVATE_ENV = "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS"
+ON_RUNPOD_ENV = "RUNPOD_WEBHOOK_GET_JOB"  # set on every RunPod worker: the SDK's own test
 _SDK_TRUE = ("1", "true", "yes")
 _SDK_FALSE = ("0", "false", "no")
 BUCKET_ENV = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
@@ -131,7 +133,7 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "SHARP_MAX_INLINE_BYTES",
-        "`19000000`",
+        "`19000000`; `200000000` with `SHARP_LOCAL_API` on",
         "largest inline result, counted as base64 text: RunPod's 20 MB less 1 MB for the JSON around it",
     ),
     Variable("SHARP_MAX_IMAGE_BYTES", "`25000000`", "largest input image, inline or downloaded"),
@@ -173,8 +175,8 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "SHARP_LOCAL_API",
-        "off",
-        f"{_one_of(_SDK_TRUE)}: serve the local API on `0.0.0.0:8000` (for `docker run -p`)",
+        "off; `1` in the image",
+        f"{_one_of(_SDK_TRUE)}: off RunPod, serve the RunPod SDK's local API on `0.0.0.0:8000` (for `docker run -p`); off: run `test_input.json` once. Ignored on RunPod",
     ),
     Variable(
         "SHARP_SERVE",
@@ -306,7 +308,7 @@ class WorkerSettings:
     url_timeout_s: float = DEFAULT_URL_TIMEOUT_S  # whole download, DNS to last byte
     allow_private_urls: bool = False
     bucket: BucketSettings | None = None
-    local_api: bool = False
+    local_api: bool = False  # SHARP_LOCAL_API, and not on RunPod
     serve: str = "queue"  # one of SERVE_MODES
     http: HttpSettings = field(default_factory=HttpSettings)
     sdk_log_level: str = "INFO"  # the SDK's own variables; INFO where it would default to DEBUG
@@ -314,9 +316,11 @@ class WorkerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
         env = os.environ if env is None else env
+        local_api = _sdk_flag(env, "SHARP_LOCAL_API") and _get(env, ON_RUNPOD_ENV) is None
+        max_inline = LOCAL_API_MAX_INLINE_BYTES if local_api else DEFAULT_MAX_INLINE_BYTES
         return cls(
             hf_cache_dir=Path(_get(env, "HF_HUB_CACHE") or RUNPOD_HF_CACHE),
-            max_inline_bytes=_int(env, "SHARP_MAX_INLINE_BYTES", DEFAULT_MAX_INLINE_BYTES),
+            max_inline_bytes=_int(env, "SHARP_MAX_INLINE_BYTES", max_inline),
             max_image_bytes=_int(env, "SHARP_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
             url_connect_timeout_s=_positive(
                 env, "SHARP_URL_CONNECT_TIMEOUT_S", DEFAULT_URL_CONNECT_TIMEOUT_S, "seconds"
@@ -326,7 +330,7 @@ class WorkerSettings:
             bucket=_bucket(
                 env, _int(env, "SHARP_URL_EXPIRY_S", DEFAULT_URL_EXPIRY_S, MAX_URL_EXPIRY_S)
             ),
-            local_api=_sdk_flag(env, "SHARP_LOCAL_API"),
+            local_api=local_api,
             serve=_choice(env, "SHARP_SERVE", SERVE_MODES, "queue"),
             http=HttpSettings.from_env(env),
             sdk_log_level=(

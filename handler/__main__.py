@@ -1,9 +1,12 @@
 """`python -m handler`: load the model once, then hand the job handler to the RunPod SDK.
 
-The SDK reads its own arguments from the command line: `--rp_serve_api --rp_api_port 8000`
+On RunPod (`RUNPOD_WEBHOOK_GET_JOB` set) the SDK takes the endpoint's jobs. Elsewhere it reads
+its own arguments from the command line: `--rp_serve_api [--rp_api_host H] [--rp_api_port P]`
 starts its local API server (/run, /runsync, /status), `--test_input '{...}'` runs one job;
-with neither, outside RunPod, it runs the job in ./test_input.json. `SHARP_LOCAL_API=1`
-adds `--rp_serve_api --rp_api_host 0.0.0.0 --rp_api_port 8000`, for `docker run -p 8000:8000`.
+with neither it runs the job in ./test_input.json and exits. `SHARP_LOCAL_API=1` (the image
+sets it; ignored on RunPod) adds `--rp_serve_api --rp_api_host 0.0.0.0` when neither is
+given, so that `docker run -p 8000:8000` serves on the SDK's default port 8000, and lifts
+RunPod's 20 MB cap on inline results unless SHARP_MAX_INLINE_BYTES is set (engine/settings.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ from .worker import SharpWorker
 
 logger = logging.getLogger("handler")
 
-LOCAL_API_ARGS = ("--rp_serve_api", "--rp_api_host", "0.0.0.0", "--rp_api_port", "8000")
+SDK_MODES = ("--rp_serve_api", "--test_input")
+
+
+def sdk_arguments(argv: list[str], local_api: bool) -> list[str]:
+    """The SDK's command line, with its local API on all interfaces unless a mode is given."""
+    given = {arg.split("=", 1)[0] for arg in argv}
+    if not local_api or given & set(SDK_MODES):
+        return argv
+    host = [] if "--rp_api_host" in given else ["--rp_api_host", "0.0.0.0"]
+    return [*argv, "--rp_serve_api", *host]
 
 
 def build_worker(settings: Settings) -> SharpWorker:
@@ -52,8 +64,7 @@ def main() -> None:
     except (SettingsError, DeviceError, CheckpointError) as error:
         logger.error("The worker cannot start: %s", error)
         sys.exit(1)
-    if settings.worker.local_api and "--rp_serve_api" not in sys.argv:
-        sys.argv.extend(LOCAL_API_ARGS)
+    sys.argv = sdk_arguments(sys.argv, settings.worker.local_api)
     # The SDK's default level is DEBUG, at which it logs every job's whole output: here tens
     # of megabytes of base64 per job. Its --rp_log_level argument still overrides this.
     RunPodLogger().set_level(settings.worker.sdk_log_level)

@@ -50,21 +50,30 @@ def test_hadolint_catches_problems():
 
 
 def test_dockerfile_pairs_torch_tensorrt_with_the_base_torch():
-    base = re.search(r"^FROM pytorch/pytorch:(\d+\.\d+)\.\d+-cuda(\d+)\.", DOCKERFILE, re.M)
+    base = re.search(
+        r"^ARG BASE_IMAGE=pytorch/pytorch:(\d+\.\d+)\.\d+-cuda(\d+)\.", DOCKERFILE, re.M
+    )
     trt = re.search(r"^ARG TORCH_TENSORRT_VERSION=(\d+\.\d+)\.\d+$", DOCKERFILE, re.M)
     assert base and trt and base.group(1) == trt.group(1)
     assert base.group(2) == "13"  # torch-tensorrt's PyPI wheels for 2.13 target CUDA 13
 
 
 def test_dockerfile_essentials():
-    assert 'CMD ["python", "-u", "-m", "handler"]' in DOCKERFILE
-    assert 'pip install ".[worker]"' in DOCKERFILE
-    # Without network the build cannot download the weights into the image behind the
-    # licence's back: build_engine.py then defers to the worker.
+    # `python3` only: a system-Python base has no `python` command, and its pip refuses to
+    # install (PEP 668): everything goes into a virtual environment over the base's packages.
+    assert 'CMD ["python3", "-u", "-m", "handler"]' in DOCKERFILE
+    code = "\n".join(line for line in DOCKERFILE.splitlines() if not line.startswith("#"))
+    assert not re.search(r"\bpython\b|(?<!-m )\bpip install", code)
+    assert "python3 -m venv --system-site-packages" in DOCKERFILE
+    assert 'python3 -m pip install ".[worker]"' in DOCKERFILE
+    assert "FROM ${BASE_IMAGE}\n" in DOCKERFILE and "ENV SHARP_LOCAL_API=1\n" in DOCKERFILE
+    # The build never downloads the weights into the image behind the licence's back:
+    # build_engine.py runs only on baked weights. No BuildKit-only flags (buildah has none).
     assert (
-        "RUN --network=none python export/build_engine.py --output-dir /opt/sharp/engines\n"
-        in DOCKERFILE
-    )
+        'RUN if [ -n "${SHARP_CHECKPOINT}" ]; then \\\n'
+        "      python3 export/build_engine.py --output-dir /opt/sharp/engines ; \\\n"
+    ) in DOCKERFILE
+    assert "RUN --network" not in DOCKERFILE
     assert "ENV SHARP_PREBUILT_ENGINE_DIR=/opt/sharp/engines\n" in DOCKERFILE
     assert "ARG BAKE_WEIGHTS=\n" in DOCKERFILE
     assert "raw.githubusercontent.com/apple/ml-sharp/main/LICENSE_MODEL" in DOCKERFILE
@@ -144,3 +153,26 @@ def test_readme_starts_with_the_quick_start():
     assert "## Quick start" in head and "make demo" in head and "make test" in head
     for section in ("## Compiled engine (TensorRT)", "## Output formats"):
         assert section in readme
+
+
+def test_hub_entry_point_starts_the_worker():
+    """.runpod/handler.py, where the Hub looks for the handler, is the worker's own start."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SHARP_", "BUCKET_"))}
+    result = subprocess.run(
+        [sys.executable, str(REPO / ".runpod" / "handler.py")],
+        cwd=REPO / ".runpod",
+        env={**clean, "SHARP_DEVICE": "gpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "cannot start: SHARP_DEVICE must be one of auto, cpu, cuda" in result.stderr
+
+
+def test_hub_files_say_no_bucket_is_needed_for_the_whole_splat():
+    assert "need an S3-compatible bucket" not in HUB["description"]
+    assert ".sog" in HUB["description"]
+    for name in ("handler.py", "hub.json", "tests.json"):
+        assert (REPO / ".runpod" / name).is_file()
+    assert (REPO / "Dockerfile").is_file() and (REPO / "README.md").is_file()
