@@ -30,6 +30,7 @@ from engine.runtime.predictor import SharpPredictor
 from engine.settings import DEFAULT_CHECKPOINT_URL, DEVICES, Settings, SettingsError
 from engine.splats.formats import FORMATS, decode, encode
 from engine.splats.formats.spz import DEFAULT_VERSION, VERSIONS
+from engine.splats.gaussians import Gaussians
 
 logger = logging.getLogger("sharp-runpod")
 # The command line's name for each OutputOptions field.
