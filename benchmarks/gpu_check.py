@@ -95,17 +95,23 @@ from benchmarks.gpu_harness.run import (
     run_backend,
 )
 from engine.io.checkpoint import build_untrained
+from engine.network import SharpOutput
 from engine.network.config import SharpConfig
 from engine.runtime.artifacts import gpu_identity, runtime_versions
 from engine.runtime.numerics import configure_numerics
+from engine.runtime.precision import PrecisionPlan
 from engine.runtime.staging import InputStaging
+from engine.runtime.tensorrt import BackendUnavailable
 from engine.runtime.validation import validation_input
 
 # What the tests and other tools read from this command's module.
 __all__ = [
+    "BackendUnavailable",
     "Golden",
     "InputStaging",
+    "PrecisionPlan",
     "SharpConfig",
+    "SharpOutput",
     "budget_refusal",
     "build_untrained",
     "evaluate_targets",

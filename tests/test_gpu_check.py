@@ -3,6 +3,7 @@ the GPU machine has (torch, numpy, Pillow), and its golden comparison, targets a
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import importlib.util
 import json
@@ -283,3 +284,29 @@ def test_golden_check_passes_the_reference_and_catches_an_error(gpu_check, golde
 def test_golden_folder_must_be_complete(gpu_check, tmp_path):
     with pytest.raises(FileNotFoundError, match="expected.npz"):
         gpu_check.Golden.load(tmp_path)
+
+
+def test_artifact_backends_are_the_engines_built_saved_and_loaded(gpu_check, tmp_path):
+    """export-* builds the engine's exported artifact, saves it and loads it back, as the
+    worker would; aoti-* on the CPU is skipped before anything is compiled."""
+    from benchmarks.gpu_harness import builders
+
+    class Toy(torch.nn.Module):  # the network's calling convention, six outputs
+        def forward(self, image, disparity_factor):
+            flat = image.flatten(2).transpose(1, 2)[:, :, :3]
+            return gpu_check.SharpOutput(
+                flat, flat.abs() + 0.1, torch.cat([flat, flat[..., :1]], -1),
+                flat.sigmoid(), flat[..., 0].sigmoid(), image[:, :2] * disparity_factor[:, None, None, None],
+            )  # fmt: skip
+
+    inputs = (torch.rand(1, 3, 8, 8), torch.tensor([0.5]))
+    args = argparse.Namespace(trt_workspace_gb=1.0, compile_mode="default")
+    ctx = builders.Context(Toy(), torch.device("cpu"), inputs, args, tmp_path, b"")
+    plan = gpu_check.PrecisionPlan("fp32")
+    forward, info = builders.build("export", ctx, plan)
+    assert info["file_mb"] >= 0 and set(info) >= {"export_s", "compile_s", "load_s"}
+    for got, want in zip(forward(*inputs), Toy()(*inputs)):
+        assert torch.equal(got, want)
+    assert list(tmp_path.iterdir()) == []  # the artifact is removed after loading
+    with pytest.raises(gpu_check.BackendUnavailable, match="CUDA"):
+        builders.build("aoti", ctx, plan)
