@@ -443,3 +443,16 @@ def test_a_gpu_fault_answers_503_and_takes_the_worker_out_of_service():
     assert client.get("/ping").status_code == 503  # RunPod replaces an unhealthy worker
     again = client.post("/predict", content=png_bytes(), headers={"Content-Type": "image/png"})
     assert again.status_code == 503 and "no longer serves" in again.json()["error"]
+
+
+def test_view_command_refuses_what_it_cannot_show(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    for path, message in (
+        (tmp_path / "missing.sog", "is not a file"),
+        (tmp_path / "notes.txt", "shows .ply"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "view", str(path), "--no-browser"],
+            cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
