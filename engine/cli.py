@@ -21,6 +21,7 @@ from engine.runtime.numerics import configure_numerics
 from engine.runtime.predictor import SharpPredictor
 from engine.settings import DEFAULT_CHECKPOINT_URL, DEVICES, Settings, SettingsError
 from engine.splats.formats import FORMATS, encode
+from engine.splats.formats.sog import write_sog
 from engine.splats.formats.spz import DEFAULT_VERSION, VERSIONS
 from engine.splats.gaussians import Gaussians
 
@@ -204,23 +205,26 @@ def run_convert(args: argparse.Namespace) -> int:
         gaussians = _read_splats(source_format, source.read_bytes())
         if len(gaussians) == 0:
             raise ValueError("the file holds no Gaussians")
-        # Image size and focal length are metadata of the sharp .ply layout only; convert
-        # writes the standard layout, so they are placeholders.
-        encoded = encode(
-            gaussians,
-            target_format,
-            image_width=1,
-            image_height=1,
-            focal_length_px=1.0,
-            spz_version=args.spz_version,
-        )
+        if target_format == "sog":  # no camera: positions held to the Gaussians' sizes
+            data = write_sog(gaussians.contiguous())
+        else:
+            # Image size and focal length are metadata of the sharp .ply layout only;
+            # convert writes the standard layout, so they are placeholders.
+            data = encode(
+                gaussians,
+                target_format,
+                image_width=1,
+                image_height=1,
+                focal_length_px=1.0,
+                spz_version=args.spz_version,
+            ).data
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(encoded.data)
+        target.write_bytes(data)
     except (ValueError, OSError) as error:  # unreadable or malformed input, I/O
         logger.error("%s: conversion failed: %s", source, error)
         return 1
     print(
-        f"{source}: {len(gaussians):,} Gaussians -> {target} ({len(encoded.data):,} bytes, "
+        f"{source}: {len(gaussians):,} Gaussians -> {target} ({len(data):,} bytes, "
         f"{time.perf_counter() - start:.2f} s)"
     )
     return 0

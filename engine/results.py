@@ -7,9 +7,11 @@ predict` and one returned by a job are the same bytes for the same options.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from engine.runtime.predictor import Prediction
-from engine.splats.formats import EncodedSplat, encode
+from engine.splats.formats import MEDIA_TYPE, EncodedSplat, encode
+from engine.splats.formats.sog_budget import write_sog_within
 from engine.splats.formats.spz import DEFAULT_VERSION as SPZ_DEFAULT_VERSION
 from engine.splats.pruning import prune
 
@@ -27,6 +29,7 @@ class OutputOptions:
     spz_version: int = SPZ_DEFAULT_VERSION
     max_gaussians: int | None = None
     min_opacity: float | None = None
+    prune_to_fit: bool = True  # .sog: keep fewer Gaussians when the coarsest precision won't fit
 
     @property
     def prunes(self) -> bool:
@@ -37,10 +40,13 @@ class OutputOptions:
 class EncodedResult:
     splat: EncodedSplat
     num_gaussians: int  # in the file, after pruning
+    sog: dict[str, Any] | None = None  # .sog only: its precision, budget and pruning
 
 
-def encode_prediction(prediction: Prediction, options: OutputOptions) -> EncodedResult:
-    """Prune (when asked) and encode one prediction's Gaussians."""
+def encode_prediction(
+    prediction: Prediction, options: OutputOptions, max_bytes: int | None = None
+) -> EncodedResult:
+    """Prune (when asked) and encode one prediction's Gaussians; a .sog within max_bytes."""
     gaussians = prediction.gaussians
     if options.prunes:
         gaussians = prune(
@@ -53,6 +59,15 @@ def encode_prediction(prediction: Prediction, options: OutputOptions) -> Encoded
             raise EmptyResultError(
                 f"min_opacity={options.min_opacity} leaves no Gaussian to return; use a lower value"
             )
+    if options.format == "sog":
+        fit = write_sog_within(
+            gaussians.contiguous(),
+            max_bytes=max_bytes,
+            focal_length_px=prediction.focal_length_px,
+            allow_pruning=options.prune_to_fit,
+        )
+        splat = EncodedSplat(fit.data, "sog", MEDIA_TYPE, ".sog")
+        return EncodedResult(splat, fit.num_gaussians, fit.summary())
     splat = encode(
         gaussians,
         options.format,

@@ -26,7 +26,7 @@ FIELD_GUIDE = (
     f"output_format ({' | '.join(FORMATS)}), "
     f"ply_layout ({' | '.join(PLY_LAYOUTS)}), "
     f"spz_version ({' | '.join(map(str, SPZ_VERSIONS))}), "
-    "max_gaussians (integer >= 1), min_opacity (number 0..1), "
+    "max_gaussians (integer >= 1), min_opacity (number 0..1), prune_to_fit (boolean), "
     f"return ({' | '.join(DELIVERIES)})"
 )
 
@@ -86,6 +86,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "default": None,
         "constraints": _fraction,
     },
+    "prune_to_fit": {"type": bool, "required": False, "default": None},
     "return": {
         "type": str,
         "required": False,
@@ -93,7 +94,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "constraints": lambda value: value is None or value in DELIVERIES,
     },
 }
-DEFAULTS = {"output_format": "ply", "ply_layout": "standard", "spz_version": SPZ_DEFAULT_VERSION}
+DEFAULTS = {
+    "output_format": "ply",
+    "ply_layout": "standard",
+    "spz_version": SPZ_DEFAULT_VERSION,
+    "prune_to_fit": True,
+}
 
 
 class InputError(ValueError):
@@ -133,6 +139,7 @@ def parse_request(job_input: Any) -> JobRequest:
             spz_version=fields["spz_version"],
             max_gaussians=fields["max_gaussians"],
             min_opacity=fields["min_opacity"],
+            prune_to_fit=fields["prune_to_fit"],
         ),
         delivery=fields["return"],
     )

@@ -11,10 +11,11 @@ import base64
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from engine.results import EmptyResultError, OutputOptions, encode_prediction
+from engine.results import EmptyResultError, EncodedResult, OutputOptions, encode_prediction
 from engine.runtime.predictor import Prediction
 from engine.settings import BUCKET_ENV
 from engine.splats.formats import FORMATS, EncodedSplat
+from engine.splats.formats.sog_budget import SogBudgetError
 
 from .storage import ResultBucket
 
@@ -23,13 +24,29 @@ class DeliveryError(ValueError):
     """The result cannot be delivered the way it was asked for; meant for the client."""
 
 
-def encode(prediction: Prediction, options: OutputOptions) -> tuple[EncodedSplat, int]:
-    """The encoded file and how many Gaussians it holds."""
+# Bytes of the result's other fields (timings, sizes, model, ...: under 2 KB), kept free
+# of the inline limit when a .sog is sized to fit it.
+RESULT_FIELDS_RESERVE = 4096
+
+
+def encode(
+    prediction: Prediction, options: OutputOptions, max_bytes: int | None = None
+) -> EncodedResult:
+    """The encoded file, how many Gaussians it holds, and a .sog's precision."""
     try:
-        result = encode_prediction(prediction, options)
-    except EmptyResultError as error:
+        return encode_prediction(prediction, options, max_bytes)
+    except (EmptyResultError, SogBudgetError) as error:
         raise DeliveryError(str(error)) from None
-    return result.splat, result.num_gaussians
+
+
+def sog_budget(
+    delivery: str | None, bucket: ResultBucket | None, max_inline_bytes: int
+) -> int | None:
+    """A .sog's byte budget: the file's share of the inline limit when it must go back
+    inline (asked for, or no bucket to send it to); None when it goes to a bucket."""
+    if delivery == "url" or (delivery is None and bucket is not None):
+        return None
+    return (max_inline_bytes - RESULT_FIELDS_RESERVE) // 4 * 3
 
 
 def base64_size(num_bytes: int) -> int:

@@ -26,7 +26,7 @@ from .fetch import FetchError, FetchPolicy
 from .inputs import InputError, JobRequest, image_bytes, parse_request
 from .memory import release_free_heap
 from .model import gpu_healthy, is_device_fault
-from .outputs import DeliveryError, check_deliverable, deliver, encode
+from .outputs import DeliveryError, check_deliverable, deliver, encode, sog_budget
 from .storage import ResultBucket, UploadError
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,9 @@ class SharpWorker:
             postprocess=prediction.timings_ms["postprocess"],
         )
         with _timed(timings, "encode"):
-            output, num_gaussians = encode(prediction, request.output)
+            budget = sog_budget(request.delivery, self.bucket, self.settings.max_inline_bytes)
+            encoded = encode(prediction, request.output, budget)
+            output, num_gaussians = encoded.splat, encoded.num_gaussians
         with _timed(timings, "deliver"):
             delivered = deliver(
                 output,
@@ -117,6 +119,7 @@ class SharpWorker:
             "size_bytes": len(output.data),
             "num_gaussians": num_gaussians,
             "num_gaussians_predicted": len(prediction.gaussians),
+            **({"sog": encoded.sog} if encoded.sog is not None else {}),
             "image_size": {"width": prediction.image_width, "height": prediction.image_height},
             "focal_length_px": prediction.focal_length_px,
             "focal_length_source": prediction.focal_length_source,

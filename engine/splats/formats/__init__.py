@@ -69,7 +69,9 @@ def encode(
     elif format == "splat":
         data = write_splat(gaussians)
     elif format == "sog":
-        data = write_sog(gaussians)  # SHARP's grid layout when all 2 x 768 x 768 are there
+        # SHARP's grid layout when all 2 x 768 x 768 are there; positions held to a fraction
+        # of the input view's pixels (engine.splats.formats.sog_precision)
+        data = write_sog(gaussians, focal_length_px=focal_length_px)
     else:
         raise ValueError(f"unknown splat format {format!r}; choose one of {', '.join(FORMATS)}")
     return EncodedSplat(data=data, format=format, media_type=MEDIA_TYPE, extension=f".{format}")

@@ -68,6 +68,7 @@ import torch
 from PIL import Image
 
 from engine.splats.color import linear_to_srgb
+from engine.splats.formats import sog_precision as precision
 from engine.splats.formats.codebook import CODEBOOK_SIZE, codebook_labels
 from engine.splats.formats.common import SH_C0, linear_colors
 from engine.splats.gaussians import Gaussians
@@ -96,6 +97,7 @@ EFFORTS: dict[int, dict[str, tuple[int, int]]] = {
     5: {"means_l": (1, 25), "quats": (6, 100), "scales": (5, 100), "sh0": (5, 100), "means_u": (2, 100)},
 }  # fmt: skip
 DEFAULT_EFFORT = 1
+MAX_LEVEL = 6  # precision levels: 0 the default, each level doubles every tolerance
 
 _SQRT2 = math.sqrt(2.0)
 # The three smaller components, in (w, x, y, z) order, for each index of the largest.
@@ -135,22 +137,39 @@ def write_sog(
     *,
     grid: tuple[int, int, int] | None = None,
     effort: int = DEFAULT_EFFORT,
+    level: int | None = 0,
+    focal_length_px: float | None = None,
 ) -> bytes:
     """Encode Gaussians (OpenCV axes, linear colours) as a bundled .sog, deterministically.
 
     grid: (layers, rows, columns) of the Gaussians' order; see `texture_size`.
     effort: a key of EFFORTS (0 fastest, 5 smallest).
+    level: the precision level (engine.splats.formats.sog_precision): 0 the default, each
+    level up doubles every tolerance; None fills the containers at their finest.
+    focal_length_px: the input view's, so that positions can be held to its pixels.
     """
     if effort not in EFFORTS:
         raise ValueError(f"SOG effort must be one of {sorted(EFFORTS)}, got {effort}")
+    if level is not None and not 0 <= level <= MAX_LEVEL:
+        raise ValueError(f"SOG precision level must be 0-{MAX_LEVEL} or None, got {level}")
     n = len(gaussians)
     width, height = texture_size(n, grid)
     settings = EFFORTS[effort]
     on_host = _on_host(gaussians.means.device)
+    tolerance = (
+        None
+        if level is None
+        else precision.spatial_tolerance(gaussians, focal_length_px=focal_length_px, level=level)
+    )
+    generator = (
+        GENERATOR
+        if level is None
+        else f"{GENERATOR} ({precision.describe(level, focal_length_px)})"
+    )
     with torch.no_grad(), ThreadPoolExecutor(min(len(settings), _cpu_count())) as pool:
         webps: dict[str, Future[bytes]] = {}
         values: dict[str, torch.Tensor] = {}
-        for name, tensor in _quantize(gaussians, width * height):
+        for name, tensor in _quantize(gaussians, width * height, tolerance, level or 0):
             if tensor.dtype != torch.uint8:
                 values[name] = tensor
             elif on_host:  # no transfer to wait for: encode each image while the next is made
@@ -163,7 +182,7 @@ def write_sog(
                 webps[name] = pool.submit(_webp, host[name], width, height, *settings[name])
         meta = {
             "version": VERSION,
-            "asset": {"generator": GENERATOR},
+            "asset": {"generator": generator},
             "count": n,
             "means": {
                 "mins": host["mins"].tolist(),
@@ -292,9 +311,12 @@ def _check_meta(meta: dict, images: dict[str, np.ndarray]) -> None:
 # --- quantization (on the Gaussians' device) --------------------------------------------------
 
 
-def _quantize(g: Gaussians, texels: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _quantize(
+    g: Gaussians, texels: int, tolerance: torch.Tensor | None, level: int
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor): each image as (texels, channels) uint8, the largest to encode first, and
-    the float32 meta values (mins, maxs, scales_codebook, sh0_codebook).
+    the float32 meta values (mins, maxs, scales_codebook, sh0_codebook). With a tolerance
+    (metres, per Gaussian), every attribute is held to it (sog_precision), not finer.
 
     Works on (N,) component planes: the pipeline's (N, k) tensors are column-major views, whose
     columns are contiguous, and elementwise kernels on them are ~50x faster on the CPU than
@@ -308,17 +330,27 @@ def _quantize(g: Gaussians, texels: int) -> Iterator[tuple[str, torch.Tensor]]:
         t = torch.stack(channels, dim=1)
         return torch.cat([t, t[-1:].expand(pad, -1)]) if pad else t
 
-    low, high, mins, maxs = _positions(_planes(g.means))
+    low, high, mins, maxs = _positions(_planes(g.means), tolerance)
     yield "mins", mins
     yield "maxs", maxs
     yield "means_l", image(*low)
-    yield "quats", image(*_quaternions(_planes(g.quaternions)))
+    quats = _quaternions(_planes(g.quaternions))
+    if tolerance is not None:
+        quats[:3] = precision.snap_rotation_bytes(quats[:3], g.scales, tolerance)
+    yield "quats", image(*quats)
     tiny = torch.finfo(torch.float32).tiny
-    codebook, labels = codebook_labels([s.clamp_min(tiny).log_() for s in _planes(g.scales)])
+    log_scales = [s.clamp_min(tiny).log_() for s in _planes(g.scales)]
+    codebook, labels = codebook_labels(log_scales)
+    if tolerance is not None:
+        allowed = precision.scale_allowance(log_scales, tolerance)
+        labels = precision.snap_labels(codebook, labels, log_scales, allowed)
     yield "scales_codebook", codebook
     yield "scales", image(*labels)
     sh0 = [linear_to_srgb(c).sub_(0.5).div_(SH_C0) for c in _planes(g.colors)]
     codebook, labels = codebook_labels(sh0)
+    if tolerance is not None:
+        allowed = precision.color_allowance(g.opacities, level)
+        labels = precision.snap_labels(codebook, labels, sh0, [allowed] * 3)
     yield "sh0_codebook", codebook
     alpha = (g.opacities.float().contiguous() * 255).round_().clamp_(0, 255).to(torch.uint8)
     yield "sh0", image(*labels, alpha)
@@ -332,9 +364,11 @@ def _planes(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _positions(
-    axes: list[torch.Tensor],
+    axes: list[torch.Tensor], tolerance: torch.Tensor | None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Low and high bytes per axis, and mins, maxs: (3,) float32 log-space range (one width)."""
+    # tolerance / (1 + |p|): the tolerance in log space, d ln(1 + |p|) = dp / (1 + |p|)
+    allowed = None if tolerance is None else [tolerance / (1 + p.abs()) for p in axes]
     logs = [p.abs().log1p_().copysign_(p) for p in axes]  # sign(p) ln(1 + |p|)
     extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in logs])  # (3, 2)
     mins = extremes[:, 0]
@@ -342,8 +376,12 @@ def _positions(
     # The readers scale by (maxs - mins), so quantize by exactly that float32 difference.
     scale = 65535 / (maxs - mins).clamp_min(torch.finfo(torch.float32).tiny)
     low, high = [], []
-    for t, m, k in zip(logs, mins, scale):
-        n = t.sub_(m).mul_(k).round_().clamp_(0, 65535).to(torch.int32)
+    for axis, (t, m, k) in enumerate(zip(logs, mins, scale)):
+        t = t.sub_(m).mul_(k)
+        if allowed is None:
+            n = t.round_().clamp_(0, 65535).to(torch.int32)
+        else:
+            n = precision.snap_positions(t, allowed[axis].mul_(k))
         low.append(n.to(torch.uint8))  # the conversion keeps the low 8 bits
         high.append(n.bitwise_right_shift_(8).to(torch.uint8))
     return low, high, mins, maxs
