@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from engine.io.checkpoint import TINY_UNTRAINED, CheckpointError
@@ -72,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, required=True, help=f"output file: .{', .'.join(FORMATS)}"
     )
     convert.add_argument("--spz-version", type=int, default=DEFAULT_VERSION, choices=VERSIONS)
+    convert.add_argument(
+        "--3dgs-model",
+        dest="gs_model",
+        action="store_true",
+        help="write -o as a model folder of the original 3D Gaussian Splatting code, for its "
+        "SIBR viewer (SIBR_gaussianViewer_app -m FOLDER)",
+    )
+    convert.add_argument(
+        "--sh-degree", type=int, default=3, choices=range(4), help="with --3dgs-model"
+    )
     convert.set_defaults(run=run_convert)
     commands.add_parser(
         "build-engine", help="export the network and compile it (python export/build_engine.py)"
@@ -188,6 +199,8 @@ def run_convert(args: argparse.Namespace) -> int:
     """One splat file to another format: 2 for bad arguments, 1 for a file that fails."""
     source, target = args.input, args.output
     source_format, target_format = (p.suffix.lower().lstrip(".") for p in (source, target))
+    if args.gs_model:
+        return convert_to_gs_model(args)
     if target_format not in FORMATS:
         logger.error("-o must end in .%s, got %r", ", .".join(FORMATS), target.name)
         return 2
@@ -226,6 +239,40 @@ def run_convert(args: argparse.Namespace) -> int:
     print(
         f"{source}: {len(gaussians):,} Gaussians -> {target} ({len(data):,} bytes, "
         f"{time.perf_counter() - start:.2f} s)"
+    )
+    return 0
+
+
+def convert_to_gs_model(args: argparse.Namespace) -> int:
+    """A splat file to the original 3DGS code's model folder (engine.splats.formats.gs_model).
+
+    The camera comes from a sharp-layout .ply's intrinsics; other files get a 1024 x 1024
+    view with a 60 degree field of view (only the viewer's start-up camera)."""
+    from engine.splats.formats.gs_model import write_gs_model
+
+    source, folder = args.input, args.output
+    source_format = source.suffix.lower().lstrip(".")
+    if source_format not in FORMATS or not source.is_file():
+        logger.error("cannot read %s: give a .%s file", source, ", .".join(FORMATS))
+        return 2
+    try:
+        data = source.read_bytes()
+        gaussians = _read_splats(source_format, data)
+        camera = {"image_width": 1024, "image_height": 1024, "focal_length_px": 886.8}
+        if source_format == "ply":
+            from engine.splats.formats.ply import read_ply
+
+            elements = read_ply(data).elements
+            if "intrinsic" in elements and "image_size" in elements:
+                width, height = (int(v) for v in np.ravel(elements["image_size"])[:2])
+                focal = float(np.ravel(elements["intrinsic"])[0])
+                camera = {"image_width": width, "image_height": height, "focal_length_px": focal}
+        ply = write_gs_model(gaussians, folder, **camera, sh_degree=args.sh_degree)
+    except (ValueError, OSError) as error:
+        logger.error("%s: conversion failed: %s", source, error)
+        return 1
+    print(
+        f"{source}: {len(gaussians):,} Gaussians -> {ply} (open: SIBR_gaussianViewer_app -m {folder})"
     )
     return 0
 

@@ -335,7 +335,7 @@ def test_refuses_zero_gaussians_bad_efforts_and_non_finite_values() -> None:
     with pytest.raises(ValueError, match="effort"):
         write_sog(tiny_gaussians(4), effort=6)
     with pytest.raises(ValueError, match="precision level"):
-        write_sog(tiny_gaussians(4), level=7)
+        write_sog(tiny_gaussians(4), level=MAX_LEVEL + 1)
     g = tiny_gaussians(4)
     g.means[1, 2] = float("nan")
     with pytest.raises(ValueError, match="finite"):

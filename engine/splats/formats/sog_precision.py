@@ -26,8 +26,10 @@ which WebP's entropy coder turns into fewer bits):
   colours    the codebook index likewise, within COLOR_TOLERANCE x 2^level / max(opacity,
              1/16) in sRGB (faint Gaussians' colours weigh less in the picture).
 
-Opacity stays 8-bit exact. Level 0 is the default, measured to render visually lossless (see
-benchmarks/bench_sog_quality.py); each level up doubles every tolerance, for a byte budget.
+Opacity stays 8-bit exact. Level 0 is the default: rendered by Spark from the capture camera
+and two novel viewpoints it stays above VISUALLY_LOSSLESS_PSNR_DB against the exact .ply
+(benchmarks/sog_quality.py; README, output formats). Each level up doubles every tolerance,
+for a byte budget, up to sog.MAX_LEVEL.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import torch
 from engine.splats.formats.common import SH_C0
 from engine.splats.gaussians import Gaussians
 
-POSITION_FRACTION = 0.125  # of a pixel at the Gaussian's depth, or of its smallest scale
-COLOR_TOLERANCE = 1 / 255  # sRGB, for an opaque Gaussian at level 0
+POSITION_FRACTION = 0.25  # of a pixel at the Gaussian's depth, or of its smallest scale
+COLOR_TOLERANCE = 2 / 255  # sRGB, for an opaque Gaussian at level 0
+VISUALLY_LOSSLESS_PSNR_DB = 42.0  # and SSIM >= 0.99: no difference to see side by side
 MAX_POSITION_STEP = 1 << 15
 MAX_ROTATION_STEP = 64
 MAX_INDEX_STEP = 64
