@@ -69,18 +69,22 @@ def snap_positions(x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 def snap_rotation_bytes(
     stored: list[torch.Tensor], scales: torch.Tensor, tolerance: torch.Tensor
 ) -> list[torch.Tensor]:
-    """The three stored rotation bytes moved towards the centre, each by less than m."""
+    """The three stored rotation bytes moved towards the centre, each by less than m.
+
+    Bit arithmetic on the bytes: the distance from the centre 127.5 is a = b - 128 for
+    b >= 128 and 127 - b below (b XOR 0x7F), so flooring a to a multiple of m = 2^e keeps the
+    top bit and clears the low e bits of a.
+    """
     spread = (scales.amax(dim=1) - scales.amin(dim=1)).float()
     # angle <= 4 sqrt3 m _BYTE_COMPONENT and 2 angle spread <= tolerance
     allowed = tolerance / (8 * math.sqrt(3) * _BYTE_COMPONENT) / spread.clamp_min(1e-30)
-    m = _power_of_two(allowed, MAX_ROTATION_STEP).to(torch.int16)
+    e = _exponent(allowed, MAX_ROTATION_STEP)
+    keep = torch.full_like(e, 0x7F).bitwise_right_shift_(e).bitwise_left_shift_(e)
     snapped = []
     for b in stored:
-        signed = b.to(torch.int16) * 2 - 255  # 2 (b - 127.5): odd, -255..255
-        magnitude = (signed.abs() - 1) // 2  # 0..127
-        magnitude = magnitude - magnitude % m
-        value = (magnitude * 2 + 1) * signed.sign()
-        snapped.append(((value + 255) // 2).to(torch.uint8))
+        top = b & 0x80
+        flip = (top >> 7).sub_(1).bitwise_and_(0x7F)  # 0x7F below the centre, else 0
+        snapped.append((b ^ flip).bitwise_and_(keep).bitwise_xor_(flip).bitwise_or_(top))
     return snapped
 
 
@@ -91,19 +95,21 @@ def snap_labels(
     allowed: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """Each column's labels moved to a multiple of a power of two m (at most MAX_INDEX_STEP)
-    where codebook[label] stays within `allowed` of the value; otherwise kept."""
+    where codebook[label] stays within `allowed` of the value; otherwise kept.
+
+    m comes from the gap between the label's entry and the next (a guess where gaps vary),
+    so the result is checked against the value once, and a failing label stays as it was.
+    """
     gaps = codebook.diff().clamp_min(1e-30)
     gaps = torch.cat([gaps, gaps[-1:]])
     out = []
     for label, value, limit in zip(labels, values, allowed):
-        index = label.to(torch.int64)
-        m = _power_of_two(limit / gaps[index], MAX_INDEX_STEP).to(torch.int64)
-        for _ in range(2):  # the local gap is a guess: check, and try half the step once
-            snapped = (index + m // 2).div_(m, rounding_mode="floor").mul_(m).clamp_(0, 255)
-            ok = (codebook[snapped] - value).abs_() <= limit
-            index = torch.where(ok, snapped, index)
-            m = torch.where(ok, 1, (m // 2).clamp_min(1))
-        out.append(index.to(torch.uint8))
+        index = label.to(torch.int32)
+        e = _exponent(limit / gaps.index_select(0, index), MAX_INDEX_STEP).to(torch.int32)
+        half = (e > 0).to(torch.int32).bitwise_left_shift_(e).bitwise_right_shift_(1)
+        snapped = (index + half).bitwise_right_shift_(e).bitwise_left_shift_(e).clamp_(max=255)
+        ok = (codebook.index_select(0, snapped) - value).abs_() <= limit
+        out.append(torch.where(ok, snapped, index).to(torch.uint8))
     return out
 
 
@@ -135,3 +141,8 @@ def _power_of_two(allowed: torch.Tensor, cap: int) -> torch.Tensor:
     """The largest power of two m <= allowed (1 when allowed < 1), at most cap, as float32."""
     exponent = allowed.float().clamp(1, cap).log2_().floor_()
     return exponent.exp2_()
+
+
+def _exponent(allowed: torch.Tensor, cap: int) -> torch.Tensor:
+    """log2 of `_power_of_two`, as uint8."""
+    return allowed.float().clamp(1, cap).log2_().floor_().to(torch.uint8)
