@@ -46,7 +46,7 @@ def sog_budget(
     inline (asked for, or no bucket to send it to); None when it goes to a bucket."""
     if delivery == "url" or (delivery is None and bucket is not None):
         return None
-    return (max_inline_bytes - RESULT_FIELDS_RESERVE) // 4 * 3
+    return max(0, (max_inline_bytes - RESULT_FIELDS_RESERVE) // 4 * 3)
 
 
 def base64_size(num_bytes: int) -> int:

@@ -119,7 +119,7 @@ class SharpWorker:
             "size_bytes": len(output.data),
             "num_gaussians": num_gaussians,
             "num_gaussians_predicted": len(prediction.gaussians),
-            **({"sog": encoded.sog} if encoded.sog is not None else {}),
+            **({"sog_encoding": encoded.sog} if encoded.sog is not None else {}),
             "image_size": {"width": prediction.image_width, "height": prediction.image_height},
             "focal_length_px": prediction.focal_length_px,
             "focal_length_source": prediction.focal_length_source,

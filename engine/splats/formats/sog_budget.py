@@ -73,10 +73,13 @@ def write_sog_within(
             "Gaussians (max_gaussians) or a URL (return: url, with a bucket)"
         )
     kept = gaussians
-    for _ in range(_PRUNE_TRIES):
+    for _ in range(_PRUNE_TRIES if max_bytes > 0 else 0):
         target = max(1, int(len(kept) * max_bytes / len(data) * _PRUNE_MARGIN))
         kept = prune(gaussians, max_gaussians=target, focal_length_px=focal_length_px)
         data = write_sog(kept, level=MAX_LEVEL, focal_length_px=focal_length_px)
         if len(data) <= max_bytes:
             return fit(data, MAX_LEVEL, kept)
-    raise SogBudgetError(f"no .sog within {max_bytes:,} bytes could be made")
+    raise SogBudgetError(
+        f"no .sog within {max_bytes:,} bytes could be made; ask for a URL (return: url, with "
+        "a bucket) or raise the inline limit (SHARP_MAX_INLINE_BYTES)"
+    )
