@@ -26,7 +26,9 @@ truncates): with step = (maxs - mins) / 65535, |p error| <= (1 + |p|) step / 2 (
 axes share the widest axis's range width (mins = per-axis minima, maxs = mins + width):
 isotropic precision, as in fixed-point formats, where 16 bits across a thin axis (SHARP's depth
 range can be a tenth of its width) would put noise in low bytes that no predictor compresses.
-For the coffee sample: 0.05 mm at 2 m (.spz: 0.12 mm).
+For the coffee sample: 0.05 mm at 2 m (.spz: 0.12 mm). That is the containers' finest
+(level=None); by default each Gaussian is held only as finely as a viewer can see, and every
+image shrinks (engine.splats.formats.sog_precision).
 
 Codebooks (engine.splats.formats.codebook): a few Lloyd (1-D k-means) iterations on a 4096-bin histogram, each bin standing for
 its values' mean with weight count^CODEBOOK_ALPHA. Exponent 1 is plain k-means, packing entries
@@ -83,11 +85,9 @@ FILES = {
     "quats": ["quats.webp"],
     "sh0": ["sh0.webp"],
 }
-# WebP (method, quality) per image and effort level, largest images first (encode order): per
-# image, the fastest setting of each size, measured on the tiny model's coffee.jpg result with
-# libwebp 1.6 (MB, CPU seconds of the five encodes): 0: 9.8, 0.19; 1: 8.4, 0.66; 2: 7.8, 1.1;
-# 3: 7.5, 1.9; 4: 7.46, 4.9; 5: 7.3, 18. Methods 2-4 give identical files; method 1 at quality
-# 25 is the smallest means_l of all.
+# WebP (method, quality) per image and effort, largest images first: per image the fastest
+# setting of each size, on the tiny model's coffee.jpg result at level=None, libwebp 1.6 (MB, CPU s):
+# 0: 9.8, 0.19; 1: 8.4, 0.66; 2: 7.8, 1.1; 3: 7.5, 1.9; 4: 7.46, 4.9; 5: 7.3, 18.
 EFFORTS: dict[int, dict[str, tuple[int, int]]] = {
     0: {"means_l": (0, 0), "quats": (0, 0), "scales": (0, 0), "sh0": (0, 0), "means_u": (0, 0)},
     1: {"means_l": (1, 25), "quats": (1, 25), "scales": (0, 0), "sh0": (0, 0), "means_u": (0, 0)},

@@ -127,13 +127,13 @@ def color_allowance(opacities: torch.Tensor, level: int) -> torch.Tensor:
 def describe(level: int, focal_length_px: float | None) -> str:
     """What the file's quantization keeps, for meta.json and the result."""
     fraction = POSITION_FRACTION * 2.0**level
-    where = (
-        "a pixel at its depth or its smallest scale" if focal_length_px else "its smallest scale"
+    size = (
+        "max(a pixel at its depth, its smallest scale)" if focal_length_px else "its smallest scale"
     )
     return (
-        f"precision level {level}: positions within {fraction:g} of {where}, rotations and "
-        f"scales to match, colours within {COLOR_TOLERANCE * 2.0**level * 255:g}/255 at full "
-        "opacity"
+        f"precision level {level}: each Gaussian's tol = {fraction:g} x {size}; positions "
+        "within tol, rotations and log scales moving its 2-sigma surface by at most tol, sRGB "
+        f"colours within {COLOR_TOLERANCE * 2.0**level * 255:g}/255 / max(opacity, 1/16)"
     )
 
 
