@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -29,6 +30,7 @@ from engine.runtime.numerics import configure_numerics
 from engine.runtime.predictor import SharpPredictor
 from engine.settings import DEFAULT_CHECKPOINT_URL, DEVICES, Settings, SettingsError
 from engine.splats.formats import FORMATS, decode, encode
+from engine.splats.formats.sog import write_sog
 from engine.splats.formats.spz import DEFAULT_VERSION, VERSIONS
 from engine.splats.gaussians import Gaussians
 
@@ -87,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, required=True, help=f"output file: .{', .'.join(FORMATS)}"
     )
     convert.add_argument("--spz-version", type=int, default=DEFAULT_VERSION, choices=VERSIONS)
+    convert.add_argument(
+        "--3dgs-model",
+        dest="gs_model",
+        action="store_true",
+        help="write -o as a model folder of the original 3D Gaussian Splatting code, for its "
+        "SIBR viewer (SIBR_gaussianViewer_app -m FOLDER)",
+    )
+    convert.add_argument(
+        "--sh-degree", type=int, default=3, choices=range(4), help="with --3dgs-model"
+    )
     convert.set_defaults(run=run_convert)
     view = commands.add_parser(
         "view", help="show a splat file (.ply, .spz, .splat, .sog) in a browser, upright"
@@ -211,6 +223,8 @@ def run_convert(args: argparse.Namespace) -> int:
     """One splat file to another format: 2 for bad arguments, 1 for a file that fails."""
     source, target = args.input, args.output
     source_format, target_format = (p.suffix.lower().lstrip(".") for p in (source, target))
+    if args.gs_model:
+        return convert_to_gs_model(args)
     if target_format not in FORMATS:
         logger.error("-o must end in .%s, got %r", ", .".join(FORMATS), target.name)
         return 2
@@ -229,24 +243,61 @@ def run_convert(args: argparse.Namespace) -> int:
         if len(gaussians) == 0:
             raise ValueError("the file holds no Gaussians")
         check_finite(gaussians, "the file")
-        # Image size and focal length are metadata of the sharp .ply layout only; convert
-        # writes the standard layout, so they are placeholders.
-        encoded = encode(
-            gaussians,
-            target_format,
-            image_width=1,
-            image_height=1,
-            focal_length_px=1.0,
-            spz_version=args.spz_version,
-        )
+        if target_format == "sog":  # no camera: positions held to the Gaussians' sizes
+            data = write_sog(gaussians.contiguous())
+        else:
+            # Image size and focal length are metadata of the sharp .ply layout only;
+            # convert writes the standard layout, so they are placeholders.
+            data = encode(
+                gaussians,
+                target_format,
+                image_width=1,
+                image_height=1,
+                focal_length_px=1.0,
+                spz_version=args.spz_version,
+            ).data
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(encoded.data)
+        target.write_bytes(data)
     except (ValueError, OSError) as error:  # unreadable or malformed input, I/O
         logger.error("%s: conversion failed: %s", source, error)
         return 1
     print(
-        f"{source}: {len(gaussians):,} Gaussians -> {target} ({len(encoded.data):,} bytes, "
+        f"{source}: {len(gaussians):,} Gaussians -> {target} ({len(data):,} bytes, "
         f"{time.perf_counter() - start:.2f} s)"
+    )
+    return 0
+
+
+def convert_to_gs_model(args: argparse.Namespace) -> int:
+    """A splat file to the original 3DGS code's model folder (engine.splats.formats.gs_model).
+
+    The camera comes from a sharp-layout .ply's intrinsics; other files get a 1024 x 1024
+    view with a 60 degree field of view (only the viewer's start-up camera)."""
+    from engine.splats.formats.gs_model import write_gs_model
+
+    source, folder = args.input, args.output
+    source_format = source.suffix.lower().lstrip(".")
+    if source_format not in FORMATS or not source.is_file():
+        logger.error("cannot read %s: give a .%s file", source, ", .".join(FORMATS))
+        return 2
+    try:
+        data = source.read_bytes()
+        gaussians = decode(source_format, data)
+        camera = {"image_width": 1024, "image_height": 1024, "focal_length_px": 886.8}
+        if source_format == "ply":
+            from engine.splats.formats.ply import read_ply
+
+            elements = read_ply(data).elements
+            if "intrinsic" in elements and "image_size" in elements:
+                width, height = (int(v) for v in np.ravel(elements["image_size"])[:2])
+                focal = float(np.ravel(elements["intrinsic"])[0])
+                camera = {"image_width": width, "image_height": height, "focal_length_px": focal}
+        ply = write_gs_model(gaussians, folder, **camera, sh_degree=args.sh_degree)
+    except (ValueError, OSError) as error:
+        logger.error("%s: conversion failed: %s", source, error)
+        return 1
+    print(
+        f"{source}: {len(gaussians):,} Gaussians -> {ply} (open: SIBR_gaussianViewer_app -m {folder})"
     )
     return 0
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from engine.runtime.predictor import Prediction
-from engine.splats.formats import FORMATS, EncodedSplat, encode
+from engine.splats.formats import FORMATS, MEDIA_TYPE, EncodedSplat, encode
+from engine.splats.formats.sog_budget import write_sog_within
 from engine.splats.formats.spz import DEFAULT_VERSION as SPZ_DEFAULT_VERSION
 from engine.splats.formats.spz import VERSIONS as SPZ_VERSIONS
 from engine.splats.gaussians import Gaussians
@@ -62,6 +63,7 @@ OPTION_RULES: dict[str, str] = {
     "spz_version": f"one of {' | '.join(map(str, SPZ_VERSIONS))}",
     "max_gaussians": "an integer >= 1",
     "min_opacity": "a number from 0 to 1",
+    "prune_to_fit": "true or false",
 }
 
 
@@ -90,6 +92,7 @@ class OutputOptions:
     spz_version: int = SPZ_DEFAULT_VERSION
     max_gaussians: int | None = None
     min_opacity: float | None = None
+    prune_to_fit: bool = True  # .sog: keep fewer Gaussians when the coarsest precision won't fit
 
     @classmethod
     def given(cls, **fields: Any) -> OutputOptions:
@@ -112,6 +115,8 @@ class OutputOptions:
             if opacity is None or not 0 <= opacity <= 1:
                 raise OptionError("min_opacity", self.min_opacity)
             object.__setattr__(self, "min_opacity", opacity)
+        if not isinstance(self.prune_to_fit, bool):
+            raise OptionError("prune_to_fit", self.prune_to_fit)
 
     @property
     def prunes(self) -> bool:
@@ -136,10 +141,13 @@ def _finite(value: object) -> float | None:
 class EncodedResult:
     splat: EncodedSplat
     num_gaussians: int  # in the file, after pruning
+    sog: dict[str, Any] | None = None  # .sog only: its precision, budget and pruning
 
 
-def encode_prediction(prediction: Prediction, options: OutputOptions) -> EncodedResult:
-    """Check, prune (when asked) and encode one prediction's Gaussians."""
+def encode_prediction(
+    prediction: Prediction, options: OutputOptions, max_bytes: int | None = None
+) -> EncodedResult:
+    """Check, prune (when asked) and encode one prediction's Gaussians; a .sog within max_bytes."""
     gaussians = prediction.gaussians
     check_finite(gaussians, "the prediction")
     if options.prunes:
@@ -153,6 +161,15 @@ def encode_prediction(prediction: Prediction, options: OutputOptions) -> Encoded
             raise EmptyResultError(
                 f"min_opacity={options.min_opacity} leaves no Gaussian to return; use a lower value"
             )
+    if options.format == "sog":
+        fit = write_sog_within(
+            gaussians.contiguous(),
+            max_bytes=max_bytes,
+            focal_length_px=prediction.focal_length_px,
+            allow_pruning=options.prune_to_fit,
+        )
+        splat = EncodedSplat(fit.data, "sog", MEDIA_TYPE, ".sog")
+        return EncodedResult(splat, fit.num_gaussians, fit.summary())
     splat = encode(
         gaussians,
         options.format,

@@ -23,6 +23,7 @@ OPTION_FIELDS = {
     "spz_version": "spz_version",
     "max_gaussians": "max_gaussians",
     "min_opacity": "min_opacity",
+    "prune_to_fit": "prune_to_fit",
 }
 
 # What the client may send; listed after every validation error so the fix is at hand.
@@ -60,6 +61,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "spz_version": {"type": int, "required": False, "default": None},
     "max_gaussians": {"type": int, "required": False, "default": None},
     "min_opacity": {"type": float, "required": False, "default": None},
+    "prune_to_fit": {"type": bool, "required": False, "default": None},
     "return": {
         "type": str,
         "required": False,

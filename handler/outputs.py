@@ -21,6 +21,25 @@ class DeliveryError(ValueError):
     """The result cannot be delivered the way it was asked for; meant for the client."""
 
 
+# Bytes of the result's other fields (timings, sizes, model, ...: under 2 KB), kept free
+# of the inline limit when a .sog is sized to fit it.
+RESULT_FIELDS_RESERVE = 4096
+
+
+def sog_budget(
+    delivery: str | None, bucket: ResultBucket | None, max_inline_bytes: int, as_body: bool
+) -> int | None:
+    """A .sog's byte budget: the file's share of the inline limit when it must go back
+    inline (asked for, or no bucket to send it to); None when it goes to a bucket.
+
+    `as_body`: the limit is on the raw bytes of an HTTP response body, not on base64 text."""
+    if delivery == "url" or (delivery is None and bucket is not None):
+        return None
+    if as_body:
+        return max_inline_bytes
+    return max(0, (max_inline_bytes - RESULT_FIELDS_RESERVE) // 4 * 3)
+
+
 def base64_size(num_bytes: int) -> int:
     return 4 * -(-num_bytes // 3)
 

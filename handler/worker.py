@@ -25,12 +25,13 @@ from engine.results import EmptyResultError, encode_prediction
 from engine.runtime.predictor import SharpPredictor
 from engine.settings import Settings
 from engine.splats.formats import EncodedSplat
+from engine.splats.formats.sog_budget import SogBudgetError
 
 from .fetch import FetchError, FetchPolicy
 from .inputs import InputError, JobRequest, image_bytes, parse_request
 from .memory import release_free_heap
 from .model import gpu_healthy, is_device_fault
-from .outputs import DeliveryError, check_deliverable, deliver
+from .outputs import DeliveryError, check_deliverable, deliver, sog_budget
 from .storage import ResultBucket, UploadError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ CLIENT_ERRORS = (
     FetchError,
     ImageDecodeError,
     EmptyResultError,
+    SogBudgetError,
     DeliveryError,
     UploadError,
 )
@@ -150,7 +152,10 @@ class SharpWorker:
             postprocess=prediction.timings_ms["postprocess"],
         )
         with _timed(timings, "encode"):
-            encoded = encode_prediction(prediction, request.output)
+            budget = sog_budget(
+                request.delivery, self.bucket, delivery.max_inline_bytes, delivery.as_body
+            )
+            encoded = encode_prediction(prediction, request.output, budget)
         output = encoded.splat
         with _timed(timings, "deliver"):
             delivered = deliver(
@@ -169,6 +174,7 @@ class SharpWorker:
             "size_bytes": len(output.data),
             "num_gaussians": encoded.num_gaussians,
             "num_gaussians_predicted": len(prediction.gaussians),
+            **({"sog_encoding": encoded.sog} if encoded.sog is not None else {}),
             "image_size": {"width": prediction.image_width, "height": prediction.image_height},
             "focal_length_px": prediction.focal_length_px,
             "focal_length_source": prediction.focal_length_source,

@@ -85,7 +85,7 @@ def worker_server(
     """Start the worker with the tiny model on the CPU; wait (bounded) until it answers."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(_WORKER_ENV_PREFIXES)}
-    full_env.update(SHARP_CHECKPOINT="tiny-untrained", SHARP_DEVICE="cpu", **env)
+    full_env.update({"SHARP_CHECKPOINT": "tiny-untrained", "SHARP_DEVICE": "cpu", **env})
     command = [
         sys.executable, "-m", "handler",
         "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port),

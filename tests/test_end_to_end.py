@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -272,9 +273,12 @@ def half_gap(codebook: list[float]) -> float:
     return float(np.diff(values).max()) / 2
 
 
-def bounds_for(format: str, data: bytes, means: np.ndarray) -> Bounds:
+def bounds_for(
+    format: str, data: bytes, means: np.ndarray, gaussians: Gaussians | None = None
+) -> Bounds:
     """Each format's quantization, as its module docstring states it (and the file's own
-    ranges and codebooks, for .sog)."""
+    ranges and codebooks, and for .sog the precision level meta.json states: then
+    `gaussians`, the file's, are needed)."""
     byte = 0.5 / 255
     if format == "ply":
         return Bounds(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -298,11 +302,29 @@ def bounds_for(format: str, data: bytes, means: np.ndarray) -> Bounds:
         p = np.abs(means).max(axis=0)
         position = (1 + p) * step / 2 * (1 + step)
         sh0 = half_gap(meta["sh0"]["codebook"])
+        log_scale, rotation = half_gap(meta["scales"]["codebook"]), 1e-4
+        level = re.search(r"precision level (\d+)", meta["asset"]["generator"])
+        if level is not None:  # held to what a viewer sees: engine.splats.formats.sog_precision
+            tolerance, log_scale, sh0 = sog_tolerances(gaussians, int(level[1]), log_scale, sh0)
+            position = np.maximum(position, tolerance * (1 + 1e-3))
+            rotation = 1.0  # near-isotropic Gaussians keep no rotation: see the render tests
         # Rotations: "smallest three" in 8 bits of c * sqrt2 / 2 + 1 / 2.
-        return Bounds(
-            position, half_gap(meta["scales"]["codebook"]), SH_C0 * sh0, byte, 1e-4, None, sh0
-        )
+        return Bounds(position, log_scale, SH_C0 * sh0, byte, rotation, None, sh0)
     pytest.fail(f"no quantization bounds for format {format!r}: add them to bounds_for")
+
+
+def sog_tolerances(
+    g: Gaussians, level: int, half_scale_gap: float, half_sh0_gap: float
+) -> tuple[float, float, float]:
+    """The largest position error (metres), log-scale and sh0 error a .sog at this precision
+    level allows for any of these Gaussians (engine.splats.formats.sog_precision), with the
+    coffee sample's focal length (its camera, 433.33 px; 433.3 for the strided sets)."""
+    from engine.splats.formats import sog_precision
+
+    tolerance = sog_precision.spatial_tolerance(g.contiguous(), focal_length_px=433.3, level=level)
+    log_scale = max(half_scale_gap, float((tolerance[:, None] / (2 * g.scales)).max()))
+    colour = float(sog_precision.color_allowance(g.opacities, level).max())
+    return float(tolerance.max()), log_scale * (1 + 1e-3), max(half_sh0_gap, colour)
 
 
 def project_reader(format: str) -> Callable[[bytes], Gaussians]:
@@ -348,7 +370,7 @@ def test_project_reader_gives_back_the_prediction(outputs, expected, format, pru
     assert len(got) == len(want)
     if format == "splat":  # rows are sorted by importance; positions are exact
         got, want = by_position(got), by_position(want)
-    bounds = bounds_for(format, data, want.means.numpy())
+    bounds = bounds_for(format, data, want.means.numpy(), want)
     assert_within("means", got.means.numpy(), want.means.numpy(), bounds.position)
     assert_within(
         "log scales", got.scales.log().numpy(), want.scales.log().numpy(), bounds.log_scale
@@ -415,7 +437,9 @@ def test_splat_transform_statistics_match_the_ply(outputs, expected, format, pru
     ply = outputs.stats(outputs.cli("ply", pruning))["columns"]
     path = outputs.cli(format, pruning)
     compact = outputs.stats(path)["columns"]
-    bounds = bounds_for(format, path.read_bytes(), expected[pruning].means.numpy())
+    bounds = bounds_for(
+        format, path.read_bytes(), expected[pruning].means.numpy(), expected[pruning]
+    )
     signs = AXIS_SIGNS.get(format, {})
     compared = []
     for name in VERTEX_PROPERTIES:
@@ -570,7 +594,7 @@ def test_writers_encode_strided_tensors_right(format):
         want = strided
         if format == "splat":
             got, want = by_position(got), by_position(want)
-        bounds = bounds_for(format, data, want.means.numpy())
+        bounds = bounds_for(format, data, want.means.numpy(), want)
         name = f"{format} {variant}"
         assert_within(f"{name} means", got.means.numpy(), want.means.numpy(), bounds.position)
         assert_within(

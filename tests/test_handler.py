@@ -233,3 +233,34 @@ def test_full_sog_comes_back_inline_with_the_default_limits(default_worker, refe
     assert out["delivery"] == "inline" and out["num_gaussians"] == 1_179_648
     assert len(out["sog"]) <= DEFAULT_MAX_INLINE_BYTES
     assert len(read_sog(base64.b64decode(out["sog"]))) == len(reference[0].gaussians)
+
+
+def test_noisy_weights_give_a_full_sog_inline_or_a_pruned_one_by_choice(
+    tmp_path_factory, tiny_checkpoint
+):
+    """Other weights than the built-in model's (the golden ones: noisier fields, 15 MB at the
+    containers' finest) still come back whole and inline; under a small limit the client
+    chooses between fewer Gaussians and an error."""
+    env = {"SHARP_CHECKPOINT": str(tiny_checkpoint)}
+    with worker_server(env, tmp_path_factory.mktemp("logs") / "golden.log") as server:
+        answer = server.runsync({"image": IMAGE_B64, "output_format": "sog"})
+        assert answer["status"] == "COMPLETED", answer
+        out = answer["output"]
+        assert out["delivery"] == "inline" and out["num_gaussians"] == 1_179_648
+        assert out["sog_encoding"]["pruned_to_fit"] is False
+        assert len(read_sog(base64.b64decode(out["sog"]))) == 1_179_648
+    env["SHARP_MAX_INLINE_BYTES"] = "4000000"
+    with worker_server(env, tmp_path_factory.mktemp("logs") / "small.log") as server:
+        answer = server.runsync({"image": IMAGE_B64, "output_format": "sog"})
+        assert answer["status"] == "COMPLETED", answer
+        out = answer["output"]
+        assert out["sog_encoding"]["pruned_to_fit"] is True
+        assert out["sog_encoding"]["budget_bytes"] == (4_000_000 - 4096) // 4 * 3
+        kept = len(read_sog(base64.b64decode(out["sog"])))
+        assert kept == out["num_gaussians"] < 1_179_648
+        expect_failure(
+            server,
+            {"image": IMAGE_B64, "output_format": "sog", "prune_to_fit": False},
+            "coarsest precision",
+            "prune_to_fit",
+        )

@@ -34,16 +34,19 @@ from engine.io.images import decode_image
 from engine.network.color import linear_to_srgb
 from engine.runtime.predictor import Prediction, SharpPredictor
 from engine.splats.formats import FORMATS, encode
+from engine.splats.formats import sog_precision as precision
 from engine.splats.formats.common import SH_C0
 from engine.splats.formats.ply import read_ply
 from engine.splats.formats.sog import (
     EFFORTS,
+    MAX_LEVEL,
     SHARP_GRID,
     read_sog,
     read_sog_files,
     texture_size,
     write_sog,
 )
+from engine.splats.formats.sog_budget import SogBudgetError, write_sog_within
 from engine.splats.formats.splat import read_splat
 from engine.splats.formats.spz import read_spz
 from engine.splats.gaussians import Gaussians
@@ -67,7 +70,7 @@ def case(request, prediction: Prediction) -> tuple[Gaussians, bytes]:
     g = prediction.gaussians
     if request.param == "pruned":
         g = prune(g, max_gaussians=5000, focal_length_px=prediction.focal_length_px)
-    return g, write_sog(g)
+    return g, write_sog(g, level=None)
 
 
 def host(t: torch.Tensor) -> np.ndarray:
@@ -101,7 +104,7 @@ def test_meta_json_fields(case) -> None:
     meta, _ = read_sog_files(data)
     assert set(meta) == {"version", "asset", "count", "means", "scales", "quats", "sh0"}
     assert meta["version"] == 2 and meta["count"] == len(g)
-    assert meta["asset"]["generator"] == "sharp-runpod"
+    assert meta["asset"]["generator"].startswith("sharp-runpod")
     assert meta["means"]["files"] == ["means_l.webp", "means_u.webp"]
     assert meta["scales"]["files"] == ["scales.webp"] and meta["quats"] == {"files": ["quats.webp"]}
     assert meta["sh0"]["files"] == ["sh0.webp"]
@@ -205,6 +208,60 @@ def test_same_input_gives_the_same_bytes_whatever_the_memory_layout(prediction) 
     assert write_sog(g) == first
     assert write_sog(contiguous) == first
     assert write_sog(doubled) == first
+    assert write_sog(doubled, level=None) == write_sog(g, level=None)
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_precision_levels_hold_every_gaussian_to_its_tolerance(prediction, level) -> None:
+    """Each attribute within what sog_precision promises, Gaussian by Gaussian."""
+    g, f = prediction.gaussians, prediction.focal_length_px
+    data = write_sog(g, level=level, focal_length_px=f)
+    meta, _ = read_sog_files(data)
+    assert f"precision level {level}" in meta["asset"]["generator"]
+    decoded = read_sog(data)
+    tolerance = host(precision.spatial_tolerance(g.contiguous(), focal_length_px=f, level=level))
+    means = host(g.means)
+    step = (np.asarray(meta["means"]["maxs"]) - np.asarray(meta["means"]["mins"])) / 65535
+    # at least the container's own half step; float32 arithmetic on top
+    bound = np.maximum(tolerance[:, None], (1 + np.abs(means)) * step / 2) * (1 + 1e-3) + SLACK
+    assert_below("positions", np.abs(host(decoded.means) - means), bound)
+    scales = host(g.scales)
+    log_error = np.abs(np.log(host(decoded.scales)) - np.log(scales))
+    scale_bound = np.maximum(
+        tolerance[:, None] / (2 * scales), half_largest_gap(meta["scales"]["codebook"])
+    )
+    assert_below("log scales", log_error, scale_bound + SLACK)
+    # rotations: the surface at 2 sigma moves by at most the tolerance (plus the container's step)
+    q = host(g.quaternions)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    angle = 2 * np.arccos(np.clip(np.abs((q * host(decoded.quaternions)).sum(axis=1)), 0, 1))
+    spread = scales.max(axis=1) - scales.min(axis=1)
+    assert_below("rotation x spread", 2 * angle * spread, tolerance + 2 * 12 * E * spread + SLACK)
+    opacity_error = np.abs(host(decoded.opacities) - host(g.opacities))
+    assert_below("opacities", opacity_error, 0.5 / 255 + SLACK)
+    srgb_error = np.abs(host(linear_to_srgb(decoded.colors)) - host(linear_to_srgb(g.colors)))
+    allowed = precision.COLOR_TOLERANCE * 2**level / np.maximum(host(g.opacities), 1 / 16)
+    colour_bound = np.maximum(allowed, SH_C0 * half_largest_gap(meta["sh0"]["codebook"]))
+    assert_below("sRGB colours", srgb_error, colour_bound[:, None] + 1e-5)
+    if level:  # coarser precision, fewer bytes
+        assert len(data) < len(write_sog(g, level=0, focal_length_px=f))
+
+
+def test_budget_steps_down_then_prunes_only_when_allowed(prediction) -> None:
+    g, f = prediction.gaussians, prediction.focal_length_px
+    sizes = [len(write_sog(g, level=level, focal_length_px=f)) for level in (0, 1)]
+    fit = write_sog_within(g, max_bytes=sizes[0] - 1, focal_length_px=f, allow_pruning=False)
+    assert (fit.level, fit.num_gaussians, len(fit.data)) == (1, len(g), sizes[1])
+    assert fit.summary()["precision_level"] == 1 and not fit.summary()["pruned_to_fit"]
+    coarsest = len(write_sog(g, level=MAX_LEVEL, focal_length_px=f))
+    budget = coarsest // 2
+    with pytest.raises(SogBudgetError, match="prune_to_fit"):
+        write_sog_within(g, max_bytes=budget, focal_length_px=f, allow_pruning=False)
+    fit = write_sog_within(g, max_bytes=budget, focal_length_px=f, allow_pruning=True)
+    assert len(fit.data) <= budget and fit.pruned_to_fit and fit.level == MAX_LEVEL
+    assert len(read_sog(fit.data)) == fit.num_gaussians < len(g)
+    # just enough: within a few percent of the budget, and of the Gaussians that would fit
+    assert len(fit.data) > 0.85 * budget
 
 
 def test_the_one_transfer_path_of_a_gpu_writes_the_same_bytes(prediction, monkeypatch) -> None:
@@ -264,7 +321,7 @@ def tiny_gaussians(n: int, seed: int = 0) -> Gaussians:
 def test_single_gaussian_and_zero_quaternion() -> None:
     g = tiny_gaussians(1)
     g = Gaussians(g.means, g.scales, torch.zeros(1, 4), g.colors, g.opacities)
-    decoded = read_sog(write_sog(g))
+    decoded = read_sog(write_sog(g, level=None))
     # One value per range: decoded exactly (mins == maxs, codebooks of one value).
     np.testing.assert_allclose(host(decoded.means), host(g.means), rtol=1e-6)
     np.testing.assert_allclose(host(decoded.scales), host(g.scales), rtol=1e-5)
@@ -277,6 +334,8 @@ def test_refuses_zero_gaussians_bad_efforts_and_non_finite_values() -> None:
         write_sog(tiny_gaussians(0))
     with pytest.raises(ValueError, match="effort"):
         write_sog(tiny_gaussians(4), effort=6)
+    with pytest.raises(ValueError, match="precision level"):
+        write_sog(tiny_gaussians(4), level=MAX_LEVEL + 1)
     g = tiny_gaussians(4)
     g.means[1, 2] = float("nan")
     with pytest.raises(ValueError, match="finite"):
@@ -325,7 +384,9 @@ def test_encode_registry_knows_sog(prediction) -> None:
         focal_length_px=prediction.focal_length_px,
     )
     assert encoded.extension == ".sog" and encoded.media_type == "application/octet-stream"
-    assert encoded.data == write_sog(prediction.gaussians)
+    assert encoded.data == write_sog(
+        prediction.gaussians, focal_length_px=prediction.focal_length_px
+    )
 
 
 # --- sharp-runpod convert ---------------------------------------------------------------------

@@ -198,11 +198,14 @@ def render_in_spark(
     save_to: str | Path | None = None,
     info: dict[str, Any] | None = None,
     timeout_s: float = 300,
+    at: tuple[float, float, float] | None = None,
+    target: tuple[float, float, float] | None = None,
 ) -> np.ndarray:
     """One frame of the splat file in Spark: an (height, width, 3) uint8 RGB image.
 
     The camera sits at the origin of the file's coordinates, in `pose` (one of POSES), with
-    vertical field of view fovy_deg; the background is black. save_to keeps the PNG; info,
+    vertical field of view fovy_deg; the background is black. `at` (with `target`) moves it
+    there, looking at target, up as in the pose (a novel view). save_to keeps the PNG; info,
     when given, receives what the page reported: numSplats (as Spark loaded them), timings
     (load_ms, sort_ms, draw_ms) and the browser's console.
     """
@@ -211,15 +214,16 @@ def render_in_spark(
     node, chromium = require_spark()
     path = Path(path)
     with _serve(path) as base, _temporary_png(save_to) as png:
-        query = urlencode(
-            {
-                "file": f"/splat/{quote(path.name)}",
-                "width": width,
-                "height": height,
-                "fovy": f"{fovy_deg:.6f}",
-                "pose": pose,
-            }
-        )
+        fields = {
+            "file": f"/splat/{quote(path.name)}",
+            "width": width,
+            "height": height,
+            "fovy": f"{fovy_deg:.6f}",
+            "pose": pose,
+        }
+        if at is not None and target is not None:
+            fields.update(at=",".join(map(repr, at)), target=",".join(map(repr, target)))
+        query = urlencode(fields)
         spec = {
             "url": f"{base}/render.html?{query}",
             "out": str(png),

@@ -81,8 +81,11 @@ REGISTRY: dict[str, SplatFormat] = {
         SplatFormat("ply", _write_ply, _read_ply, 56.0),
         SplatFormat("spz", lambda g, m: write_spz(g, version=m.spz_version), read_spz, 9.6),
         SplatFormat("splat", lambda g, m: write_splat(g), read_splat, 32.0),
-        # SHARP's grid layout when all 2 x 768 x 768 Gaussians are there.
-        SplatFormat("sog", lambda g, m: write_sog(g), read_sog, 7.2),
+        # SHARP's grid layout when all 2 x 768 x 768 Gaussians are there; positions held to a
+        # fraction of the input view's pixels (engine.splats.formats.sog_precision).
+        SplatFormat(
+            "sog", lambda g, m: write_sog(g, focal_length_px=m.focal_length_px), read_sog, 7.2
+        ),
     )
 }
 FORMATS: tuple[str, ...] = tuple(REGISTRY)

@@ -26,7 +26,9 @@ truncates): with step = (maxs - mins) / 65535, |p error| <= (1 + |p|) step / 2 (
 axes share the widest axis's range width (mins = per-axis minima, maxs = mins + width):
 isotropic precision, as in fixed-point formats, where 16 bits across a thin axis (SHARP's depth
 range can be a tenth of its width) would put noise in low bytes that no predictor compresses.
-For the coffee sample: 0.05 mm at 2 m (.spz: 0.12 mm).
+For the coffee sample: 0.05 mm at 2 m (.spz: 0.12 mm). That is the containers' finest
+(level=None); by default each Gaussian is held only as finely as a viewer can see, and every
+image shrinks (engine.splats.formats.sog_precision).
 
 Codebooks (engine.splats.formats.codebook): a few Lloyd (1-D k-means) iterations on a 4096-bin histogram, each bin standing for
 its values' mean with weight count^CODEBOOK_ALPHA. Exponent 1 is plain k-means, packing entries
@@ -70,6 +72,7 @@ import torch
 from PIL import Image
 
 from engine.network.color import linear_to_srgb
+from engine.splats.formats import sog_precision as precision
 from engine.splats.formats.codebook import CODEBOOK_SIZE, codebook_labels
 from engine.splats.formats.common import SH_C0, linear_colors
 from engine.splats.gaussians import Gaussians
@@ -84,11 +87,9 @@ FILES = {
     "quats": ["quats.webp"],
     "sh0": ["sh0.webp"],
 }
-# WebP (method, quality) per image and effort level, largest images first (encode order): per
-# image, the fastest setting of each size, measured on the tiny model's coffee.jpg result with
-# libwebp 1.6 (MB, CPU seconds of the five encodes): 0: 9.8, 0.19; 1: 8.4, 0.66; 2: 7.8, 1.1;
-# 3: 7.5, 1.9; 4: 7.46, 4.9; 5: 7.3, 18. Methods 2-4 give identical files; method 1 at quality
-# 25 is the smallest means_l of all.
+# WebP (method, quality) per image and effort, largest images first: per image the fastest
+# setting of each size, on the tiny model's coffee.jpg result at level=None, libwebp 1.6 (MB, CPU s):
+# 0: 9.8, 0.19; 1: 8.4, 0.66; 2: 7.8, 1.1; 3: 7.5, 1.9; 4: 7.46, 4.9; 5: 7.3, 18.
 EFFORTS: dict[int, dict[str, tuple[int, int]]] = {
     0: {"means_l": (0, 0), "quats": (0, 0), "scales": (0, 0), "sh0": (0, 0), "means_u": (0, 0)},
     1: {"means_l": (1, 25), "quats": (1, 25), "scales": (0, 0), "sh0": (0, 0), "means_u": (0, 0)},
@@ -98,6 +99,7 @@ EFFORTS: dict[int, dict[str, tuple[int, int]]] = {
     5: {"means_l": (1, 25), "quats": (6, 100), "scales": (5, 100), "sh0": (5, 100), "means_u": (2, 100)},
 }  # fmt: skip
 DEFAULT_EFFORT = 1
+MAX_LEVEL = 2  # the coarsest precision level: 1 px at depth, about 38 dB in a viewer
 
 _SQRT2 = math.sqrt(2.0)
 # The three smaller components, in (w, x, y, z) order, for each index of the largest.
@@ -137,22 +139,39 @@ def write_sog(
     *,
     grid: tuple[int, int, int] | None = None,
     effort: int = DEFAULT_EFFORT,
+    level: int | None = 0,
+    focal_length_px: float | None = None,
 ) -> bytes:
     """Encode Gaussians (OpenCV axes, linear colours) as a bundled .sog, deterministically.
 
     grid: (layers, rows, columns) of the Gaussians' order; see `texture_size`.
     effort: a key of EFFORTS (0 fastest, 5 smallest).
+    level: the precision level (engine.splats.formats.sog_precision): 0 the default, each
+    level up doubles every tolerance; None fills the containers at their finest.
+    focal_length_px: the input view's, so that positions can be held to its pixels.
     """
     if effort not in EFFORTS:
         raise ValueError(f"SOG effort must be one of {sorted(EFFORTS)}, got {effort}")
+    if level is not None and not 0 <= level <= MAX_LEVEL:
+        raise ValueError(f"SOG precision level must be 0-{MAX_LEVEL} or None, got {level}")
     n = len(gaussians)
     width, height = texture_size(n, grid)
     settings = EFFORTS[effort]
     on_host = _on_host(gaussians.means.device)
+    tolerance = (
+        None
+        if level is None
+        else precision.spatial_tolerance(gaussians, focal_length_px=focal_length_px, level=level)
+    )
+    generator = (
+        GENERATOR
+        if level is None
+        else f"{GENERATOR} ({precision.describe(level, focal_length_px)})"
+    )
     with torch.no_grad(), ThreadPoolExecutor(min(len(settings), _cpu_count())) as pool:
         webps: dict[str, Future[bytes]] = {}
         values: dict[str, torch.Tensor] = {}
-        for name, tensor in _quantize(gaussians, width * height):
+        for name, tensor in _quantize(gaussians, width * height, tolerance, level or 0):
             if tensor.dtype != torch.uint8:
                 values[name] = tensor
             elif on_host:  # no transfer to wait for: encode each image while the next is made
@@ -165,7 +184,7 @@ def write_sog(
                 webps[name] = pool.submit(_webp, host[name], width, height, *settings[name])
         meta = {
             "version": VERSION,
-            "asset": {"generator": GENERATOR},
+            "asset": {"generator": generator},
             "count": n,
             "means": {
                 "mins": host["mins"].tolist(),
@@ -331,9 +350,12 @@ def _check_meta(meta: dict, images: dict[str, np.ndarray]) -> None:
 # --- quantization (on the Gaussians' device) --------------------------------------------------
 
 
-def _quantize(g: Gaussians, texels: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _quantize(
+    g: Gaussians, texels: int, tolerance: torch.Tensor | None, level: int
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor): each image as (texels, channels) uint8, the largest to encode first, and
-    the float32 meta values (mins, maxs, scales_codebook, sh0_codebook).
+    the float32 meta values (mins, maxs, scales_codebook, sh0_codebook). With a tolerance
+    (metres, per Gaussian), every attribute is held to it (sog_precision), not finer.
 
     Works on (N,) component planes: the pipeline's (N, k) tensors are column-major views, whose
     columns are contiguous, and elementwise kernels on them are ~50x faster on the CPU than
@@ -347,17 +369,27 @@ def _quantize(g: Gaussians, texels: int) -> Iterator[tuple[str, torch.Tensor]]:
         t = torch.stack(channels, dim=1)
         return torch.cat([t, t[-1:].expand(pad, -1)]) if pad else t
 
-    low, high, mins, maxs = _positions(_planes(g.means))
+    low, high, mins, maxs = _positions(_planes(g.means), tolerance)
     yield "mins", mins
     yield "maxs", maxs
     yield "means_l", image(*low)
-    yield "quats", image(*_quaternions(_planes(g.quaternions)))
+    quats = _quaternions(_planes(g.quaternions))
+    if tolerance is not None:
+        quats[:3] = precision.snap_rotation_bytes(quats[:3], g.scales, tolerance)
+    yield "quats", image(*quats)
     tiny = torch.finfo(torch.float32).tiny
-    codebook, labels = codebook_labels([s.clamp_min(tiny).log_() for s in _planes(g.scales)])
+    log_scales = [s.clamp_min(tiny).log_() for s in _planes(g.scales)]
+    codebook, labels = codebook_labels(log_scales)
+    if tolerance is not None:
+        allowed = precision.scale_allowance(log_scales, tolerance)
+        labels = precision.snap_labels(codebook, labels, log_scales, allowed)
     yield "scales_codebook", codebook
     yield "scales", image(*labels)
     sh0 = [linear_to_srgb(c).sub_(0.5).div_(SH_C0) for c in _planes(g.colors)]
     codebook, labels = codebook_labels(sh0)
+    if tolerance is not None:
+        allowed = precision.color_allowance(g.opacities, level)
+        labels = precision.snap_labels(codebook, labels, sh0, [allowed] * 3)
     yield "sh0_codebook", codebook
     alpha = (g.opacities.float().contiguous() * 255).round_().clamp_(0, 255).to(torch.uint8)
     yield "sh0", image(*labels, alpha)
@@ -371,9 +403,11 @@ def _planes(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _positions(
-    axes: list[torch.Tensor],
+    axes: list[torch.Tensor], tolerance: torch.Tensor | None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Low and high bytes per axis, and mins, maxs: (3,) float32 log-space range (one width)."""
+    # tolerance / (1 + |p|): the tolerance in log space, d ln(1 + |p|) = dp / (1 + |p|)
+    allowed = None if tolerance is None else [tolerance / (1 + p.abs()) for p in axes]
     logs = [p.abs().log1p_().copysign_(p) for p in axes]  # sign(p) ln(1 + |p|)
     extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in logs])  # (3, 2)
     mins = extremes[:, 0]
@@ -381,8 +415,12 @@ def _positions(
     # The readers scale by (maxs - mins), so quantize by exactly that float32 difference.
     scale = 65535 / (maxs - mins).clamp_min(torch.finfo(torch.float32).tiny)
     low, high = [], []
-    for t, m, k in zip(logs, mins, scale):
-        n = t.sub_(m).mul_(k).round_().clamp_(0, 65535).to(torch.int32)
+    for axis, (t, m, k) in enumerate(zip(logs, mins, scale)):
+        t = t.sub_(m).mul_(k)
+        if allowed is None:
+            n = t.round_().clamp_(0, 65535).to(torch.int32)
+        else:
+            n = precision.snap_positions(t, allowed[axis].mul_(k))
         low.append(n.to(torch.uint8))  # the conversion keeps the low 8 bits
         high.append(n.bitwise_right_shift_(8).to(torch.uint8))
     return low, high, mins, maxs
