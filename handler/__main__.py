@@ -6,7 +6,7 @@ starts its local API server (/run, /runsync, /status), `--test_input '{...}'` ru
 with neither it runs the job in ./test_input.json and exits. `SHARP_LOCAL_API=1` (the image
 sets it; ignored on RunPod) adds `--rp_serve_api --rp_api_host 0.0.0.0` when neither is
 given, so that `docker run -p 8000:8000` serves on the SDK's default port 8000, and lifts
-RunPod's 20 MB cap on inline results unless SHARP_MAX_INLINE_BYTES is set (engine/settings.py).
+RunPod's 20 MB cap on inline results unless SHARP_MAX_INLINE_BYTES is set (engine/settings/).
 """
 
 from __future__ import annotations

@@ -335,7 +335,7 @@ def project_reader(format: str) -> Callable[[bytes], Gaussians]:
     if format == "splat":
         return read_splat
     if format == "sog":
-        from engine.splats.formats.sog import read_sog
+        from engine.splats.formats.sog_reader import read_sog
 
         return read_sog
     pytest.fail(f"no reader for format {format!r}: add it to project_reader")

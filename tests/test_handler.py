@@ -31,7 +31,7 @@ from engine.io.images import decode_image
 from engine.runtime.predictor import SharpPredictor
 from engine.settings import DEFAULT_MAX_INLINE_BYTES
 from engine.splats.formats.ply import read_ply, vertex_rows
-from engine.splats.formats.sog import read_sog
+from engine.splats.formats.sog_reader import read_sog
 
 IMAGE = SAMPLE.read_bytes()
 IMAGE_B64 = base64.b64encode(IMAGE).decode()

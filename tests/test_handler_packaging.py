@@ -15,7 +15,8 @@ import torch
 from handler_support import REPO
 
 from engine.io.images import decode_image
-from engine.settings import VARIABLES, Settings
+from engine.settings import Settings
+from engine.settings.variables import VARIABLES
 from handler.inputs import decode_base64_image, parse_request
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()

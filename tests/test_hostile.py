@@ -37,7 +37,8 @@ from engine.results import NonFiniteError, OutputOptions, encode_prediction
 from engine.runtime.predictor import Prediction
 from engine.settings import EngineSettings, SettingsError
 from engine.splats.formats.ply import read_ply
-from engine.splats.formats.sog import read_sog, write_sog
+from engine.splats.formats.sog import write_sog
+from engine.splats.formats.sog_reader import read_sog
 from engine.splats.formats.spz import read_spz, write_spz
 from engine.splats.gaussians import Gaussians
 from handler.fetch import FetchError, FetchPolicy, fetch

@@ -20,7 +20,7 @@ PACKAGES = ("engine", "handler", "export", "benchmarks")
 LAYERS = (
     {"engine.network"},
     {"engine.splats", "engine.settings"},
-    {"engine.io"},
+    {"engine.io", "engine.viewer"},
     {"engine.runtime"},
     {"engine.results"},
     {"engine.cli", "handler", "export", "benchmarks"},

@@ -41,12 +41,11 @@ from engine.splats.formats.sog import (
     EFFORTS,
     MAX_LEVEL,
     SHARP_GRID,
-    read_sog,
-    read_sog_files,
     texture_size,
     write_sog,
 )
 from engine.splats.formats.sog_budget import SogBudgetError, write_sog_within
+from engine.splats.formats.sog_reader import read_sog, read_sog_files
 from engine.splats.formats.splat import read_splat
 from engine.splats.formats.spz import read_spz
 from engine.splats.gaussians import Gaussians

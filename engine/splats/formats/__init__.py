@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.splats.formats.ply import read_ply, write_ply
-from engine.splats.formats.sog import read_sog, write_sog
+from engine.splats.formats.sog import write_sog
+from engine.splats.formats.sog_reader import read_sog
 from engine.splats.formats.splat import read_splat, write_splat
 from engine.splats.formats.spz import DEFAULT_VERSION, read_spz, write_spz
 from engine.splats.gaussians import Gaussians
