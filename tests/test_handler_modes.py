@@ -91,6 +91,15 @@ def test_local_api_switch_is_off_on_runpod_and_lifts_the_inline_cap_elsewhere():
     assert WorkerSettings.from_env({}).max_inline_bytes == DEFAULT_MAX_INLINE_BYTES
 
 
+def test_only_the_local_test_server_fetches_private_urls_by_default():
+    assert WorkerSettings.from_env({"SHARP_LOCAL_API": "1"}).allow_private_urls
+    refused = {"SHARP_LOCAL_API": "1", "RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS": "false"}
+    assert not WorkerSettings.from_env(refused).allow_private_urls
+    on_runpod = {"SHARP_LOCAL_API": "1", "RUNPOD_WEBHOOK_GET_JOB": "https://x/job-take/$ID"}
+    assert not WorkerSettings.from_env(on_runpod).allow_private_urls
+    assert not WorkerSettings.from_env({}).allow_private_urls
+
+
 def test_local_api_off_runpod_serves_on_all_interfaces(tmp_path):
     """The image's start: SHARP_LOCAL_API=1 and no RunPod variables serve /runsync on 0.0.0.0,
     and a full .ply (66 MB, over RunPod's cap) comes back inline, as the README's curl asks."""

@@ -187,7 +187,12 @@ class WorkerSettings:
                 env, "SHARP_URL_CONNECT_TIMEOUT_S", DEFAULT_URL_CONNECT_TIMEOUT_S, "seconds"
             ),
             url_timeout_s=_positive(env, "SHARP_URL_TIMEOUT_S", DEFAULT_URL_TIMEOUT_S, "seconds"),
-            allow_private_urls=_sdk_flag(env, ALLOW_PRIVATE_ENV),
+            # A local test server fetches from the developer's own machine unless told not to.
+            allow_private_urls=(
+                _sdk_flag(env, ALLOW_PRIVATE_ENV)
+                if _get(env, ALLOW_PRIVATE_ENV) is not None
+                else local_api
+            ),
             bucket=_bucket(
                 env, _int(env, "SHARP_URL_EXPIRY_S", DEFAULT_URL_EXPIRY_S, MAX_URL_EXPIRY_S)
             ),

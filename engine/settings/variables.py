@@ -97,7 +97,7 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         ALLOW_PRIVATE_ENV,
-        "off",
+        "off; on with `SHARP_LOCAL_API` off RunPod",
         f"the RunPod SDK's switch ({_one_of(SDK_TRUE)} on, {_one_of(SDK_FALSE)} off): allow `image_url` on private, loopback and link-local addresses. Leave it off on RunPod",
     ),
     Variable(
