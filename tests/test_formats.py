@@ -19,6 +19,7 @@ import gzip
 import math
 import struct
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -39,21 +40,16 @@ from engine.splats.formats.spz import (
     write_spz,
 )
 from engine.splats.gaussians import Gaussians
+from tests import gaussian_data
 
 CAMERA = {"image_width": 640, "image_height": 480, "focal_length_px": 500.0}
 EPS = 1e-6
 
 
-def random_gaussians(n: int = 2000, seed: int = 0) -> Gaussians:
-    g = torch.Generator().manual_seed(seed)
-    return Gaussians(
-        means=torch.randn(n, 3, generator=g) * 5,
-        # ln(scale) in [-9, 5]: inside .spz's range [-10, 5.94]
-        scales=torch.exp(torch.rand(n, 3, generator=g) * 14 - 9),
-        quaternions=torch.randn(n, 4, generator=g) * 3,
-        colors=torch.rand(n, 3, generator=g),
-        opacities=torch.rand(n, generator=g),
-    )
+# ln(scale) in [-9, 5]: inside .spz's range [-10, 5.94].
+random_gaussians = partial(
+    gaussian_data.random_gaussians, spread=5.0, log_scales=(-9.0, 5.0), quaternion_scale=3.0
+)
 
 
 def rotation_matrices(q: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ covariance factorization, against independent formulas, torch.linalg and the gol
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from engine.splats.gaussians import (
     rotations_from_quaternions,
     unproject,
 )
+from tests import gaussian_data
 
 UPPER = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))  # covariance6 order
 
@@ -42,18 +44,10 @@ def reconstruction_error(covariances: torch.Tensor) -> torch.Tensor:
     return (rebuilt - c).abs().amax((-2, -1)) / c.abs().amax((-2, -1))
 
 
-def random_gaussians(n: int, seed: int = 0) -> Gaussians:
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(n, 3, generator=g)
-    means[:, 2] = means[:, 2].abs() + 0.5
-    return Gaussians(
-        means=means,
-        scales=torch.rand(n, 3, generator=g) * 0.05 + 1e-4,
-        quaternions=torch.randn(n, 4, generator=g) * 2,
-        colors=torch.rand(n, 3, generator=g),
-        opacities=torch.rand(n, generator=g),
-    )
-
+# In front of the camera, small, with rotations of any length (the code normalises them).
+random_gaussians = partial(
+    gaussian_data.random_gaussians, depth=(0.5, 3.5), log_scales=(-9.2, -3.0), quaternion_scale=2.0
+)
 
 # --- quaternions and rotations ----------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import io
 import math
 import re
 import struct
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +25,20 @@ from engine.splats.formats.ply import (
     write_ply,
 )
 from engine.splats.gaussians import Gaussians, covariances_from, postprocess
+from tests import gaussian_data
 
 SHARP_ELEMENTS = ("extrinsic", "intrinsic", "image_size", "frame", "disparity", "color_space")
 CAMERA = {"image_width": 451, "image_height": 300, "focal_length_px": 375.57712001255226}
 
 
-def random_gaussians(n: int, seed: int = 0) -> Gaussians:
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(n, 3, generator=g)
-    means[:, 2] = means[:, 2].abs() + 0.5
-    quaternions = torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1)
-    return Gaussians(
-        means=means,
-        scales=torch.rand(n, 3, generator=g) * 0.05 + 1e-4,
-        quaternions=quaternions * quaternions[:, :1].sign(),
-        colors=torch.rand(n, 3, generator=g),
-        opacities=torch.rand(n, generator=g) * 0.98 + 0.01,
-    )
+# In front of the camera, unit rotations with w >= 0, opacities whose logits are finite.
+random_gaussians = partial(
+    gaussian_data.random_gaussians,
+    depth=(0.5, 3.5),
+    log_scales=(-9.2, -3.0),
+    unit_quaternions=True,
+    opacities=(0.01, 0.99),
+)
 
 
 def covariances(g: Gaussians) -> torch.Tensor:

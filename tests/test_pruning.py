@@ -5,6 +5,7 @@ validation."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,21 +13,14 @@ import torch
 
 from engine.splats.gaussians import Gaussians
 from engine.splats.pruning import VIEWER_DILATION_PX2, importance, prune
+from tests import gaussian_data
 
 FOCAL = 800.0
 
 
-def random_gaussians(n: int = 1000, seed: int = 0) -> Gaussians:
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(n, 3, generator=g)
-    means[:, 2] = 1 + 9 * torch.rand(n, generator=g)  # in front of the camera
-    return Gaussians(
-        means=means,
-        scales=torch.exp(torch.randn(n, 3, generator=g) - 5),
-        quaternions=torch.randn(n, 4, generator=g),
-        colors=torch.rand(n, 3, generator=g),
-        opacities=torch.rand(n, generator=g),
-    )
+random_gaussians = partial(
+    gaussian_data.random_gaussians, depth=(1.0, 10.0), log_scales=(-7.0, -3.0)
+)
 
 
 def with_opacities(g: Gaussians, opacities: list[float]) -> Gaussians:

@@ -23,6 +23,7 @@ import math
 import subprocess
 import sys
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ from engine.splats.formats.splat import read_splat
 from engine.splats.formats.spz import read_spz
 from engine.splats.gaussians import Gaussians
 from engine.splats.pruning import prune
+from tests import gaussian_data
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "coffee.jpg"
 CLI = Path(sys.executable).parent / "sharp-runpod"
@@ -306,15 +308,7 @@ def test_grid_argument_and_the_automatic_layouts() -> None:
     assert images["sh0.webp"].shape == (6, 4, 4) and meta["count"] == 24
 
 
-def tiny_gaussians(n: int, seed: int = 0) -> Gaussians:
-    gen = torch.Generator().manual_seed(seed)
-    return Gaussians(
-        means=torch.randn(n, 3, generator=gen) * 3,
-        scales=torch.exp(torch.randn(n, 3, generator=gen) - 4),
-        quaternions=torch.randn(n, 4, generator=gen),
-        colors=torch.rand(n, 3, generator=gen),
-        opacities=torch.rand(n, generator=gen),
-    )
+tiny_gaussians = partial(gaussian_data.random_gaussians, spread=3.0, log_scales=(-6.0, -2.0))
 
 
 def test_single_gaussian_and_zero_quaternion() -> None:
