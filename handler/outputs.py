@@ -95,8 +95,8 @@ def deliver(
 
 
 def _too_large_message(output: EncodedSplat, limit: str, has_bucket: bool) -> str:
-    """The fixes, most useful first: a compact format (a full SHARP result is ~8 MB as .sog,
-    which fits inline), a bucket, then fewer Gaussians."""
+    """The fixes, most useful first: a compact format (a full SHARP result's .sog is sized to
+    fit inline), a bucket, then fewer Gaussians."""
     size = len(output.data)
     by_size = smallest_first()  # the same Gaussians in other formats, smallest first
     smaller = by_size[: by_size.index(output.format)] if output.format in by_size else by_size

@@ -6,8 +6,8 @@
   * "splat": antimatter15's 32-byte rows (engine.splats.formats.splat): exact positions and scales,
     8-bit colours and rotations; 1.75x smaller than the .ply.
   * "sog": PlayCanvas's SOG v2 (engine.splats.formats.sog): a ZIP of lossless WebP images laid out
-    in SHARP's pixel grid, the smallest (about 7.5 bytes a Gaussian, ~8x smaller than the .ply);
-    16-bit log-space positions, 256-entry codebooks for scales and colours.
+    in SHARP's pixel grid, the smallest: each Gaussian held only as finely as a viewer can see
+    (engine.splats.formats.sog_precision), 2.5-10 bytes a Gaussian by model and image.
 
 None of them has a registered media type, so all are served as application/octet-stream. A
 .spz of version 2-3 is itself a gzip file: serve it as is, without Content-Encoding: gzip, or
@@ -85,7 +85,7 @@ REGISTRY: dict[str, SplatFormat] = {
         # SHARP's grid layout when all 2 x 768 x 768 Gaussians are there; positions held to a
         # fraction of the input view's pixels (engine.splats.formats.sog_precision).
         SplatFormat(
-            "sog", lambda g, m: write_sog(g, focal_length_px=m.focal_length_px), read_sog, 7.2
+            "sog", lambda g, m: write_sog(g, focal_length_px=m.focal_length_px), read_sog, 3.2
         ),
     )
 }
