@@ -1,7 +1,7 @@
 """GPU acceptance run: every backend of the official network, timed, validated, in one command.
 
     python benchmarks/gpu_check.py [--golden DIR] [--out DIR]      (or: make gpu-check)
-    python benchmarks/gpu_check.py --smoke                         (CPU, tiny model, ~1.5 min)
+    python benchmarks/gpu_check.py --smoke                         (CPU, tiny model, 1.5-10 min)
 
 What it measures, per backend (eager fp32 / fp16 / bf16, torch.compile fp16 / bf16,
 AOTInductor fp16, TensorRT fp16 where torch-tensorrt imports):
