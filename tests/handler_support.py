@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,3 +245,17 @@ def moto_s3(bucket: str) -> Iterator[dict[str, str]]:
         yield env
     finally:
         server.stop()
+
+
+class FailingPredictor:
+    """Stands in for a predictor on a GPU that fails: this machine has no GPU to fail."""
+
+    def __init__(self, error: Exception, device: str) -> None:
+        self.error = error
+        self.device = torch.device(device)
+
+    def poll(self) -> bool:
+        return False
+
+    def predict(self, image):
+        raise self.error

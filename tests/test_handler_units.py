@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 import torch
-from handler_support import ImageHost, moto_s3, png_bytes
+from handler_support import FailingPredictor, ImageHost, moto_s3, png_bytes
 from runpod.serverless.modules.rp_job import run_job
 
 from engine.results import EmptyResultError, OutputOptions, encode_prediction
@@ -321,20 +321,6 @@ def test_cpu_errors_are_not_device_faults():
     assert not is_device_fault(RuntimeError("CUDA error: boom"), torch.device("cpu"))
     illegal_access = RuntimeError("CUDA error: an illegal memory access")
     assert is_device_fault(illegal_access, torch.device("cuda"))
-
-
-class FailingPredictor:
-    """Stands in for a GPU predictor: this machine has no GPU to run out of memory on."""
-
-    def __init__(self, error: Exception, device: str) -> None:
-        self.error = error
-        self.device = torch.device(device)
-
-    def poll(self) -> bool:
-        return False
-
-    def predict(self, image):
-        raise self.error
 
 
 def failing_worker(error: Exception, device: str = "cuda") -> SharpWorker:

@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import viewers
-from handler_support import REPO, SAMPLE, http_get, moto_s3, png_bytes
+from handler_support import REPO, SAMPLE, FailingPredictor, http_get, moto_s3, png_bytes
 from http_support import Answer, HttpServer, http_server, request
 from PIL import Image, ImageOps
 from starlette.testclient import TestClient
@@ -413,20 +412,6 @@ def test_the_worker_still_serves(server):
 
 
 # --- 7. the worker's own failures: 500 without a trace, and a failed GPU takes it out of service ---
-
-
-class FailingPredictor:
-    """Stands in for a predictor on a GPU: this machine has none to fail."""
-
-    def __init__(self, error: Exception, device: str) -> None:
-        self.error = error
-        self.device = torch.device(device)
-
-    def poll(self) -> bool:
-        return False
-
-    def predict(self, image):
-        raise self.error
 
 
 def app_with(error: Exception, device: str) -> TestClient:
